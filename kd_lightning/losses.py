@@ -1,0 +1,60 @@
+"""Distillation losses: the KD term and the registry of loss groups selected by `distill.group`.
+
+Every metric and loss a run trains on is computed here; modules only call `LOSS_GROUPS[group]`.
+"""
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch (Hinton et al. 2015).
+
+    `batchmean` divides the summed KL by the batch size only; PyTorch's default `mean` would also divide by
+    the number of classes. The T^2 factor keeps the soft term's gradient about the same size as T changes.
+    The teacher's logits are detached: gradients flow into the student only.
+    """
+    log_p_student = F.log_softmax(student_logits / T, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / T, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (T * T)
+
+
+LossTerms = dict[str, Tensor]
+LossGroup = Callable[..., LossTerms]
+
+
+def hard_group(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, T: float, alpha: float) -> LossTerms:
+    """Cross-entropy on the labels only; the teacher is not needed."""
+    hard = F.cross_entropy(student_logits, labels)
+    return {"loss": hard, "hard_loss": hard}
+
+
+def soft_group(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, T: float, alpha: float) -> LossTerms:
+    """The KD term only: the student never sees a label."""
+    soft = kd_loss(student_logits, teacher_logits, T)
+    return {"loss": soft, "soft_loss": soft}
+
+
+def hard_soft_group(
+    student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, T: float, alpha: float
+) -> LossTerms:
+    """alpha * soft + (1 - alpha) * hard: alpha weights the soft (teacher) term."""
+    hard = F.cross_entropy(student_logits, labels)
+    soft = kd_loss(student_logits, teacher_logits, T)
+    return {"loss": alpha * soft + (1.0 - alpha) * hard, "hard_loss": hard, "soft_loss": soft}
+
+
+# name -> (loss function, needs the teacher's logits during training)
+LOSS_GROUPS: dict[str, tuple[LossGroup, bool]] = {
+    "hard": (hard_group, False),
+    "soft": (soft_group, True),
+    "hard_soft": (hard_soft_group, True),
+}
+
+
+def get_loss_group(name: str) -> tuple[LossGroup, bool]:
+    if name not in LOSS_GROUPS:
+        raise ValueError(f"distill.group={name!r} is not a loss group; expected one of {sorted(LOSS_GROUPS)}")
+    return LOSS_GROUPS[name]

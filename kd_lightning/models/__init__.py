@@ -1,0 +1,5 @@
+"""Teacher and student nets. Every net exposes `num_classes` so mismatches are caught before training."""
+
+from kd_lightning.models.mnist import MLP, MnistCNN
+
+__all__ = ["MLP", "MnistCNN"]
