@@ -1,7 +1,8 @@
 """The teacher of a distillation run: a given checkpoint, or one trained once and cached by config hash.
 
 The cache lives in `paths.cache_dir/<key>/`: `teacher.ckpt` (written atomically: copied to a temporary file,
-then renamed), `config.yaml` and the teacher's own run (TensorBoard logs, checkpoints every 2 epochs). `key`
+then renamed) and `run/`, the teacher's own run dir (`.hydra/config.yaml`, `metrics.json`, TensorBoard logs,
+checkpoints every 2 epochs). `key`
 hashes everything that determines the teacher's weights: model, data (and the data source actually found),
 module (optimizer, scheduler), seed and training length. Runs that start together wait on a file lock, so
 the teacher is trained by the first and reused by the others.
@@ -68,10 +69,10 @@ def provide_teacher(cfg: DictConfig, data_source: str) -> Path:
 
         run_dir = cache / "run"
         shutil.rmtree(run_dir, ignore_errors=True)  # a run that died before finishing
+        (run_dir / ".hydra").mkdir(parents=True)
         tcfg.paths.output_dir = str(run_dir)
         log.info("Training the teacher (experiment=%s) into %s", cfg.teacher.experiment, run_dir)
+        OmegaConf.save(tcfg, run_dir / ".hydra" / "config.yaml")  # the layout of a Hydra run dir
         result = train(tcfg)
-        OmegaConf.save(tcfg, cache / "config.yaml")
-        (cache / "metrics.json").write_text(json.dumps(result, indent=2))
         atomic_copy(result["best_ckpt"], ckpt)
     return ckpt

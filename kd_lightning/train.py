@@ -40,6 +40,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
 
     module_kwargs: dict[str, Any] = {}
+    teacher_ckpt = None
     if is_distillation(cfg):
         teacher_ckpt = provide_teacher(cfg, datamodule.source)
         module_kwargs["teacher"] = load_net(teacher_ckpt)
@@ -68,6 +69,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "params": count_params(net),
         "teacher_params": count_params(module.teacher) if is_distillation(cfg) else None,
         "best_ckpt": str(best.best_model_path),
+        "teacher_ckpt": str(teacher_ckpt) if teacher_ckpt else None,
         "output_dir": str(output_dir),
     }
     if trainer.is_global_zero:

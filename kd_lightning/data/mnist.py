@@ -33,6 +33,7 @@ class MNISTDataModule(pl.LightningDataModule):
     num_classes = 10
     input_shape = (1, 28, 28)
     has_sample_fallback = True
+    random_augmentation = False  # training inputs are a fixed function of the example (teacher logits cacheable)
 
     def __init__(
         self,
@@ -143,6 +144,10 @@ class MNISTDataModule(pl.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
         )
+
+    def eval_loader(self, split: str, batch_size: int | None = None) -> TensorLoader:
+        """`split` in dataset order, without random augmentation (for teacher-logit caches and influence)."""
+        return self._loader(split, batch_size or self.eval_batch_size, shuffle=False)
 
     def train_dataloader(self) -> TensorLoader:
         return self._loader("train", self.batch_size, shuffle=True)
