@@ -6,6 +6,7 @@ Every checkpoint is read with `weights_only=True`: a file whose unpickling would
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,23 @@ def load_net(path: str | Path) -> nn.Module:
     return net
 
 
-def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    """Copy to a temporary file beside `dst`, then rename: readers see the old file or the whole new one."""
+def atomic_write(dst: str | Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` to a temporary file beside `dst`, then rename: readers see the old file or the whole new one."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        shutil.copyfile(src, tmp)
+        write(tmp)
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def atomic_torch_save(obj: Any, dst: str | Path) -> None:
+    atomic_write(dst, lambda tmp: torch.save(obj, tmp))

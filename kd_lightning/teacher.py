@@ -1,4 +1,5 @@
-"""The teacher of a distillation run: a given checkpoint, or one trained once and cached by config hash.
+"""The teacher of a distillation run: a given checkpoint, or one trained once and cached by config hash; and
+the cache of its logits over a dataset.
 
 The cache lives in `paths.cache_dir/<key>/`: `teacher.ckpt` (written atomically: copied to a temporary file,
 then renamed) and `run/`, the teacher's own run dir (`.hydra/config.yaml`, `metrics.json`, TensorBoard logs,
@@ -6,6 +7,11 @@ checkpoints every 2 epochs). `key`
 hashes everything that determines the teacher's weights: model, data (and the data source actually found),
 module (optimizer, scheduler), seed and training length. Runs that start together wait on a file lock, so
 the teacher is trained by the first and reused by the others.
+
+Teacher logits: when a split's inputs are a fixed function of the example (no random augmentation), the
+teacher's logits for the whole split are computed once (eval mode, no grad, batched) and stored as one tensor
+indexed by dataset index in `paths.cache_dir/logits/<teacher file hash>-<data hash>.pt`; it is rebuilt when
+either the teacher checkpoint's content or the data identity changes.
 """
 
 import hashlib
@@ -15,10 +21,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 
-from kd_lightning.checkpoints import atomic_copy
+from kd_lightning.checkpoints import atomic_copy, atomic_torch_save
 from kd_lightning.config import compose_train_config
 
 log = logging.getLogger(__name__)
@@ -76,3 +84,47 @@ def provide_teacher(cfg: DictConfig, data_source: str) -> Path:
         result = train(tcfg)
         atomic_copy(result["best_ckpt"], ckpt)
     return ckpt
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def compute_teacher_logits(teacher: nn.Module, loader: Any, device: str = "cpu") -> Tensor:
+    """Logits for every example of `loader`, row i for dataset index i (whatever order the loader uses)."""
+    was_training = teacher.training
+    teacher.eval().to(device)
+    indices, outputs = [], []
+    for x, _, idx in loader:
+        indices.append(idx.cpu())
+        outputs.append(teacher(x.to(device)).float().cpu())
+    teacher.train(was_training).cpu()
+    logits = torch.empty(sum(len(i) for i in indices), outputs[0].shape[1])
+    logits[torch.cat(indices)] = torch.cat(outputs)
+    return logits
+
+
+def cached_teacher_logits(teacher_ckpt: Path, teacher: nn.Module, datamodule: Any, cache_dir: Path,
+                          device: str = "cpu") -> dict[str, Tensor]:
+    """Teacher logits per split with fixed inputs, from the cache or computed (and cached) now."""
+    splits = ["val", "test"] if datamodule.random_augmentation else ["train", "val", "test"]
+    if datamodule.random_augmentation:
+        log.info("Training inputs are randomly augmented: the teacher runs online on training batches")
+    data_key = hashlib.sha256(json.dumps(datamodule.cache_identity(), sort_keys=True).encode()).hexdigest()
+    path = cache_dir / "logits" / f"{file_sha256(teacher_ckpt)[:16]}-{data_key[:16]}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            cached: dict[str, Tensor] = torch.load(path, map_location="cpu", weights_only=True)
+            if set(splits) <= set(cached):
+                log.info("Using cached teacher logits %s", path)
+                return {split: cached[split] for split in splits}
+        log.info("Computing the teacher's logits for %s into %s", ", ".join(splits), path)
+        cached = {split: compute_teacher_logits(teacher, datamodule.eval_loader(split), device) for split in splits}
+        atomic_torch_save(cached, path)
+    return cached

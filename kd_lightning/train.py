@@ -5,6 +5,7 @@ One function trains any configured net: teachers (ClassifierModule) and students
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from kd_lightning import config  # noqa: F401 - registers the ${kd_root:} resolv
 from kd_lightning.checkpoints import load_checkpoint, load_net
 from kd_lightning.modules import DistillModule
 from kd_lightning.summary import hparams_of, print_summary
-from kd_lightning.teacher import provide_teacher
+from kd_lightning.teacher import cached_teacher_logits, provide_teacher
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,18 @@ def count_params(net: Any) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit on train/val, test the best-by-validation checkpoint, return the run's metrics."""
-    output_dir = Path(cfg.paths.output_dir)
+@dataclass
+class Run:
+    """Everything a configured run consists of, built but not yet fitted."""
+
+    datamodule: pl.LightningDataModule
+    module: pl.LightningModule
+    trainer: pl.Trainer
+    teacher_ckpt: Path | None = None
+
+
+def build(cfg: DictConfig) -> Run:
+    """Instantiate data, teacher (trained and cached first if needed), model, module, callbacks and trainer."""
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     # Find the data (and its source, which keys the teacher cache) before anything trains.
     datamodule.prepare_data()
@@ -49,15 +59,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     net = instantiate(cfg.model)
     module = instantiate(cfg.module, net=net, **module_kwargs)
     module.net_config = OmegaConf.to_container(cfg.model, resolve=True)  # set after: instantiate would build it
+    if teacher_ckpt is not None and cfg.distill.cache_teacher_logits:
+        module.use_cached_teacher_logits(
+            cached_teacher_logits(teacher_ckpt, module.teacher, datamodule, Path(cfg.paths.cache_dir))
+        )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    return Run(datamodule, module, trainer, teacher_ckpt)
 
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit on train/val, test the best-by-validation checkpoint, return the run's metrics."""
+    output_dir = Path(cfg.paths.output_dir)
+    run = build(cfg)
+    datamodule, module, trainer, teacher_ckpt = run.datamodule, run.module, run.trainer, run.teacher_ckpt
+    net = module.net
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     best = next(c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
     test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False)[0]
 
-    timer = next((c for c in callbacks if isinstance(c, Timer)), None)
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     epochs = trainer.current_epoch
     result: dict[str, Any] = {
         **{k: float(v) for k, v in test_metrics.items()},
@@ -80,6 +102,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         }
         for lg in trainer.loggers:
             lg.log_hyperparams(hparams_of(cfg, datamodule.source), hp_metrics)
+            lg.finalize("success")  # test() already closed the writer; this flushes the new records
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         print_summary(cfg, result)

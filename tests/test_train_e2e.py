@@ -19,7 +19,7 @@ def test_soft_experiment_trains_teacher_once_then_reuses_it(tmp_path: Path, offl
     assert "Training the teacher" in out and "Run summary" in out and "mnist-sample-5k" in out
 
     cache = tmp_path / "logs" / "teachers"
-    (key_dir,) = [p for p in cache.iterdir() if p.is_dir()]
+    (key_dir,) = [p for p in cache.iterdir() if (p / "teacher.ckpt").exists()]
     teacher_ckpt = key_dir / "teacher.ckpt"
     stamp = teacher_ckpt.stat().st_mtime_ns
     metrics = json.loads((tmp_path / "run1" / "metrics.json").read_text())
@@ -34,7 +34,8 @@ def test_soft_experiment_trains_teacher_once_then_reuses_it(tmp_path: Path, offl
     out = second.stdout + second.stderr
     assert "Using the cached teacher" in out and "Training the teacher" not in out
     assert teacher_ckpt.stat().st_mtime_ns == stamp
-    assert [p for p in cache.iterdir() if p.is_dir()] == [key_dir]
+    assert [p for p in cache.iterdir() if (p / "run").is_dir()] == [key_dir]
+    assert "Using cached teacher logits" in out
     # Same seed, same teacher: the same student.
     assert json.loads((tmp_path / "run2" / "metrics.json").read_text())["test/acc"] == metrics["test/acc"]
 

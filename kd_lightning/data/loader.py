@@ -64,4 +64,4 @@ class TensorLoader:
         self.epoch += 1
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self.transform(self.images[idx]), self.labels[idx], idx
+            yield self.transform(self.images.index_select(0, idx)), self.labels.index_select(0, idx), idx

@@ -54,6 +54,7 @@ class MNISTDataModule(pl.LightningDataModule):
         self.download, self.offline_fallback = download, offline_fallback
         self.source: str | None = None
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self._device_splits: dict[str, tuple[Tensor, Tensor]] = {}
         self._download_error: str | None = None
 
     # ---- where the data comes from -------------------------------------------------------------------------
@@ -129,13 +130,36 @@ class MNISTDataModule(pl.LightningDataModule):
             bar, self._raw_dir(), self._download_error or "download not attempted", bar,
         )
 
+    def cache_identity(self) -> dict:
+        """What fixes every split's examples and inputs: the key of caches of per-example outputs."""
+        return {
+            "datamodule": type(self).__name__,
+            "source": self.source,
+            "split_seed": self.split_seed,
+            "train_val_split": list(self.train_val_split),
+            "normalize": [self.mean, self.std],
+            "sizes": {split: len(labels) for split, (_, labels) in self.splits.items()},
+        }
+
     # ---- loaders ---------------------------------------------------------------------------------------------
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 [B, 28, 28] -> float [B, 1, 28, 28], standardized with the dataset's mean and std."""
-        return ((images.unsqueeze(1).float() / 255.0) - self.mean) / self.std
+        # In place on the fresh float copy: (x / 255 - mean) / std in two passes instead of four.
+        return images.unsqueeze(1).float().mul_(1.0 / (255.0 * self.std)).sub_(self.mean / self.std)
+
+    def _on_device(self, split: str) -> tuple[Tensor, Tensor]:
+        """The split's tensors on the training device: on a GPU they are copied there once, so batches are
+        gathered and normalized on the GPU and never cross the PCIe bus."""
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        if device.type == "cpu":
+            return self.splits[split]
+        key = f"{split}@{device}"
+        if key not in self._device_splits:
+            self._device_splits[key] = tuple(t.to(device) for t in self.splits[split])
+        return self._device_splits[key]
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> TensorLoader:
-        images, labels = self.splits[split]
+        images, labels = self._on_device(split)
         trainer = self.trainer
         return TensorLoader(
             images, labels, batch_size, self.normalize,

@@ -40,11 +40,13 @@ class DistillModule(ClassifierModule):
         group: str = "hard_soft",
         T: float = 2.0,
         alpha: float = 0.8,
+        compile: bool = False,
     ) -> None:
-        super().__init__(net, optimizer, scheduler)
+        super().__init__(net, optimizer, scheduler, compile)
         self.group, self.T, self.alpha = group, T, alpha
         self.loss_fn, self.needs_teacher = get_loss_group(group)
         self.teacher = teacher.eval().requires_grad_(False)
+        self.cached_splits: set[str] = set()
         for metrics in self.eval_metrics.values():
             metrics.add_metrics(
                 {
@@ -54,30 +56,42 @@ class DistillModule(ClassifierModule):
                 }
             )
 
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.compile_net and self.needs_teacher and "train" not in self.cached_splits:
+            self.teacher.compile()  # it runs every training step
+
     def train(self, mode: bool = True) -> "DistillModule":
         super().train(mode)
         self.teacher.eval()
         return self
 
+    def use_cached_teacher_logits(self, logits: dict[str, Tensor]) -> None:
+        """Look the teacher's logits up by dataset index, for the splits in `logits`, instead of running it.
+
+        Non-persistent buffers: they move to the module's device and are never written to checkpoints.
+        """
+        for split, split_logits in logits.items():
+            self.register_buffer(f"cached_teacher_logits_{split}", split_logits, persistent=False)
+        self.cached_splits = set(logits)
+
     @torch.no_grad()
-    def teacher_logits(self, x: Tensor) -> Tensor:
+    def teacher_logits(self, x: Tensor, idx: Tensor, split: str) -> Tensor:
+        if split in self.cached_splits:
+            return getattr(self, f"cached_teacher_logits_{split}")[idx]
         return self.teacher(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y, _ = batch
+        x, y, idx = batch
         student_logits = self.net(x)
-        teacher_logits = self.teacher_logits(x) if self.needs_teacher else None
+        teacher_logits = self.teacher_logits(x, idx, "train") if self.needs_teacher else None
         terms = self.loss_fn(student_logits, teacher_logits, y, self.T, self.alpha)
-        self.log_dict(
-            {f"train/{name}": value for name, value in terms.items() if name != "loss"},
-            on_step=True, on_epoch=True, batch_size=len(y),
-        )
-        self.log("train/loss", terms["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log_train_terms(terms, len(y))
         return terms["loss"]
 
     def _eval_step(self, stage: str, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         student_logits = super()._eval_step(stage, batch)
-        teacher_logits = self.teacher_logits(batch[0])
+        teacher_logits = self.teacher_logits(batch[0], batch[2], stage)
         metrics = self.eval_metrics[stage]
         metrics["soft_loss"].update(kd_loss(student_logits, teacher_logits, self.T), weight=len(teacher_logits))
         metrics["agreement"].update(student_logits, teacher_logits.argmax(-1))

@@ -1,0 +1,182 @@
+"""Training throughput: `python -m kd_lightning.bench [--samples N] [--device cpu|cuda] [--data-dir DIR]`.
+
+In one process, on the same training examples, times a fixed number of training samples (after a warm-up) for
+  (a) the student with the hard loss,
+  (b) KD running the teacher every step,
+  (c) KD with cached teacher logits,
+all three through this project's real stack (configs, DataModule, DistillModule, Lightning Trainer), and
+  (d) a plain hand-written PyTorch loop like the public walk-throughs: torchvision MNIST with per-item
+      ToTensor + Normalize, DataLoader batch 64, teacher forward every step.
+It prints samples/s for each, the ratios c/a and c/d, and teacher training samples/s for this stack and for the
+hand-written loop (the PyTorch MNIST example's Adadelta loop). Full MNIST is used when it is in `data_dir`,
+else the offline 5,000-digit sample; the training split is written as IDX files for torchvision's dataset in (d).
+Weights do not change speed: the teacher is a freshly initialized MnistCNN saved as a checkpoint.
+"""
+
+import argparse
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from hydra.utils import instantiate
+from torchvision import datasets, transforms
+
+from kd_lightning.config import compose_train_config
+from kd_lightning.losses import kd_loss
+from kd_lightning.models import MLP, MnistCNN
+from kd_lightning.train import build
+
+BATCH = 64
+
+
+class ThroughputMeter(pl.Callback):
+    """Samples per second over the training batches after `warmup` batches (epoch ends included)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.batches, self.start = warmup, 0, 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.batches == self.warmup:
+            self.start = time.perf_counter()
+        self.batches += 1
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.samples_per_s = (self.batches - self.warmup) * BATCH / (time.perf_counter() - self.start)
+
+
+def stack_throughput(experiment: str, steps: int, warmup: int, overrides: list[str]) -> float:
+    cfg = compose_train_config([
+        f"experiment={experiment}", *overrides, f"+trainer.max_steps={steps + warmup}", "trainer.max_epochs=-1",
+        "+trainer.limit_val_batches=0", "+trainer.num_sanity_val_steps=0", "~callbacks",
+        "+trainer.enable_checkpointing=false", "+trainer.enable_model_summary=false",
+        "trainer.enable_progress_bar=false", f"data.batch_size={BATCH}",
+    ])
+    run = build(cfg)
+    meter = ThroughputMeter(warmup)
+    run.trainer.callbacks.append(meter)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    return meter.samples_per_s
+
+
+def reference_loop(root: Path, steps: int, warmup: int, device: str, teacher_training: bool) -> float:
+    """The public walk-throughs' loop: per-item PIL -> tensor transforms, DataLoader, teacher every step."""
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    train_set = datasets.MNIST(root, train=True, download=False, transform=transform)
+    loader = DataLoader(train_set, batch_size=BATCH, shuffle=True)
+    teacher = MnistCNN().to(device)
+    if teacher_training:
+        model, optimizer = teacher.train(), torch.optim.Adadelta(teacher.parameters(), lr=1.0)
+    else:
+        model = MLP([16]).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        teacher.eval()
+    done, start = 0, 0.0
+    while done < steps + warmup:
+        for x, y in loader:
+            if done == warmup:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            x, y = x.to(device), y.to(device)
+            if teacher_training:
+                loss = F.cross_entropy(model(x), y)
+            else:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                student_logits = model(x)
+                loss = 0.8 * kd_loss(student_logits, teacher_logits, 2.0) + 0.2 * F.cross_entropy(student_logits, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()  # as the walk-throughs do, to print the running loss
+            done += 1
+            if done == steps + warmup:
+                break
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps * BATCH / (time.perf_counter() - start)
+
+
+def write_training_split_as_idx(root: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Our training split as torchvision-readable IDX files, so the hand-written loop sees the same examples."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        for kind, array in (("images-idx3", images.numpy()), ("labels-idx1", labels.numpy())):
+            array = np.ascontiguousarray(array, dtype=np.uint8)
+            with open(raw / f"{prefix}-{kind}-ubyte", "wb") as f:
+                f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape))
+                f.write(array.tobytes())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=12_800, help="training samples timed per configuration")
+    parser.add_argument("--teacher-samples", type=int, default=3_200, help="samples timed for teacher training")
+    parser.add_argument("--warmup", type=int, default=10, help="batches run before timing starts")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best of each is shown")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--data-dir", default=None, help="where MNIST is looked for (default: the project's data/)")
+    args = parser.parse_args()
+    steps, teacher_steps = args.samples // BATCH, args.teacher_samples // BATCH
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        teacher_ckpt = tmp_path / "teacher.ckpt"
+        torch.save({"state_dict": {f"net.{k}": v for k, v in MnistCNN().state_dict().items()},
+                    "net_config": {"_target_": "kd_lightning.models.MnistCNN", "num_classes": 10}}, teacher_ckpt)
+        data_overrides = [f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'run'}", "data.download=false"]
+        if args.data_dir:
+            data_overrides.append(f"paths.data_dir={args.data_dir}")
+        accelerator = "gpu" if args.device == "cuda" else "cpu"
+        common = [*data_overrides, f"teacher.ckpt_path={teacher_ckpt}", f"trainer.accelerator={accelerator}"]
+        if args.device == "cuda":
+            common.append("+trainer.precision=bf16-mixed")
+
+        # The same training examples for the hand-written loop, read through torchvision's MNIST dataset.
+        cfg = compose_train_config(["experiment=hard", *data_overrides])
+        dm = instantiate(cfg.data)
+        dm.prepare_data()
+        dm.setup("fit")
+        idx_root = tmp_path / "idx"
+        write_training_split_as_idx(idx_root, *dm.splits["train"])
+
+        configurations = {
+            "a": lambda: stack_throughput("hard", steps, args.warmup, common),
+            "b": lambda: stack_throughput("hard_soft", steps, args.warmup, [*common, "distill.cache_teacher_logits=false"]),
+            "c": lambda: stack_throughput("hard_soft", steps, args.warmup, common),
+            "d": lambda: reference_loop(idx_root, steps, args.warmup, args.device, teacher_training=False),
+            "teacher": lambda: stack_throughput("teacher", teacher_steps, args.warmup, common),
+            "teacher_ref": lambda: reference_loop(idx_root, teacher_steps, args.warmup, args.device, True),
+        }
+        # Interleaved repeats, best kept: the least disturbed measurement of each (other processes only slow down).
+        runs: dict[str, list[float]] = {key: [] for key in configurations}
+        for _ in range(args.repeats):
+            for key, measure in configurations.items():
+                runs[key].append(measure())
+        results = {key: max(values) for key, values in runs.items()}
+
+    print(f"\nTraining throughput on {args.device} ({torch.get_num_threads()} threads), data: {dm.source}, batch {BATCH}")
+    print(f"best of {args.repeats} interleaved repeats (all: samples/s per repeat)")
+    print("| configuration | samples/s | all |\n|---|---:|---|")
+    names = {
+        "a": "(a) student, hard loss", "b": "(b) KD, teacher every step", "c": "(c) KD, cached teacher logits",
+        "d": "(d) hand-written loop, teacher every step", "teacher": "teacher training, this stack",
+        "teacher_ref": "teacher training, hand-written loop",
+    }
+    for key, name in names.items():
+        print(f"| {name} | {results[key]:,.0f} | {', '.join(f'{v:,.0f}' for v in runs[key])} |")
+    print(f"\ntime ratio c/a (KD cached vs hard, lower is better; target <= 1.15): {results['a'] / results['c']:.2f}")
+    print(f"speed-up c/d (KD cached vs hand-written loop; target >= 20): {results['c'] / results['d']:.1f}x")
+    print(f"teacher training speed-up vs hand-written loop: {results['teacher'] / results['teacher_ref']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
