@@ -4,6 +4,7 @@ import ctypes
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning_fabric  # noqa: F401 - sets PYTORCH_NVML_BASED_CUDA_CHECK, adjusted below
 
@@ -23,6 +24,17 @@ def project_root() -> Path:
 
 
 OmegaConf.register_new_resolver("kd_root", lambda: str(project_root()), replace=True)
+
+
+def _if_null(value: Any, if_null: Any, *otherwise: Any) -> Any:
+    """${kd_if_null:x,a}: a when x is null, else x; ${kd_if_null:x,a,b}: a when x is null, else b.
+    Lets `resume=<run dir>` choose Hydra's run dir (conf/hydra/default.yaml)."""
+    if value is None:
+        return if_null
+    return otherwise[0] if otherwise else value
+
+
+OmegaConf.register_new_resolver("kd_if_null", _if_null, replace=True)
 
 
 def _nvidia_driver_present() -> bool:

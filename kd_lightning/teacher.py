@@ -26,8 +26,9 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from kd_lightning.checkpoints import atomic_copy, atomic_torch_save
+from kd_lightning.checkpoints import atomic_copy, atomic_torch_save, load_net
 from kd_lightning.config import compose_train_config
+from kd_lightning.validation import check_num_classes
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +61,33 @@ def teacher_key(tcfg: DictConfig, data_source: str) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def provide_teacher(cfg: DictConfig, data_source: str) -> Path:
-    """Path of the teacher checkpoint for this run, training the teacher first if it is not cached."""
-    if cfg.teacher.ckpt_path:
-        return Path(cfg.teacher.ckpt_path)
+def provide_teacher(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, Path]:
+    """The teacher net of this run and its checkpoint: `teacher.ckpt_path`, or the cached teacher, trained now
+    if it is not cached. The checkpoint must fit the model of the teacher config."""
     tcfg = compose_teacher_config(cfg)
-    key = teacher_key(tcfg, data_source)
+    check_num_classes(f"teacher model (experiment={cfg.teacher.experiment})", tcfg.model, datamodule)
+    if cfg.teacher.ckpt_path:
+        ckpt = Path(cfg.teacher.ckpt_path)
+        return load_net(ckpt, tcfg.model), ckpt
+    key = teacher_key(tcfg, datamodule.source)
     cache = Path(cfg.paths.cache_dir) / key
     ckpt = cache / "teacher.ckpt"
     cache.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache) + ".lock"):
         if ckpt.is_file():
             log.info("Using the cached teacher %s", ckpt)
-            return ckpt
-        from kd_lightning.train import train  # the same recipe trains teachers and students
+        else:
+            from kd_lightning.train import train  # the same recipe trains teachers and students
 
-        run_dir = cache / "run"
-        shutil.rmtree(run_dir, ignore_errors=True)  # a run that died before finishing
-        (run_dir / ".hydra").mkdir(parents=True)
-        tcfg.paths.output_dir = str(run_dir)
-        log.info("Training the teacher (experiment=%s) into %s", cfg.teacher.experiment, run_dir)
-        OmegaConf.save(tcfg, run_dir / ".hydra" / "config.yaml")  # the layout of a Hydra run dir
-        result = train(tcfg)
-        atomic_copy(result["best_ckpt"], ckpt)
-    return ckpt
+            run_dir = cache / "run"
+            shutil.rmtree(run_dir, ignore_errors=True)  # a run that died before finishing
+            (run_dir / ".hydra").mkdir(parents=True)
+            tcfg.paths.output_dir = str(run_dir)
+            log.info("Training the teacher (experiment=%s) into %s", cfg.teacher.experiment, run_dir)
+            OmegaConf.save(tcfg, run_dir / ".hydra" / "config.yaml")  # the layout of a Hydra run dir
+            result = train(tcfg)
+            atomic_copy(result["best_ckpt"], ckpt)
+    return load_net(ckpt, tcfg.model), ckpt
 
 
 def file_sha256(path: Path) -> str:

@@ -5,6 +5,7 @@ One function trains any configured net: teachers (ClassifierModule) and students
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,18 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf.errors import ConfigKeyError
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import config  # noqa: F401 - registers the ${kd_root:} resolver
-from kd_lightning.checkpoints import load_checkpoint, load_net
+from kd_lightning.checkpoints import load_checkpoint
+from kd_lightning.errors import ConfigError, InputError, NonFiniteLossError
 from kd_lightning.modules import DistillModule
 from kd_lightning.summary import hparams_of, print_summary
 from kd_lightning.teacher import cached_teacher_logits, provide_teacher
+from kd_lightning.validation import check_num_classes, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +50,17 @@ class Run:
 
 def build(cfg: DictConfig) -> Run:
     """Instantiate data, teacher (trained and cached first if needed), model, module, callbacks and trainer."""
+    validate_config(cfg)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     # Find the data (and its source, which keys the teacher cache) before anything trains.
     datamodule.prepare_data()
     datamodule.setup("fit")
+    check_num_classes("model", cfg.model, datamodule)
 
     module_kwargs: dict[str, Any] = {}
     teacher_ckpt = None
     if is_distillation(cfg):
-        teacher_ckpt = provide_teacher(cfg, datamodule.source)
-        module_kwargs["teacher"] = load_net(teacher_ckpt)
+        module_kwargs["teacher"], teacher_ckpt = provide_teacher(cfg, datamodule)
 
     pl.seed_everything(cfg.seed, workers=True)  # after the teacher, so a cached one changes nothing
     net = instantiate(cfg.model)
@@ -75,7 +82,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run = build(cfg)
     datamodule, module, trainer, teacher_ckpt = run.datamodule, run.module, run.trainer, run.teacher_ckpt
     net = module.net
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns Ctrl-C and SIGTERM into these
+        raise Interrupted(output_dir, sigterm=isinstance(exc, SIGTERMException)) from exc
     best = next(c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
     test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False)[0]
 
@@ -109,9 +119,46 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+class Interrupted(Exception):
+    """The fit was stopped by Ctrl-C or SIGTERM after saving checkpoints/interrupted.ckpt."""
+
+    def __init__(self, output_dir: Path, sigterm: bool) -> None:
+        super().__init__(f"interrupted by {'SIGTERM' if sigterm else 'Ctrl-C'}; resume with: "
+                         f"python train.py resume={output_dir}")
+        self.exit_code = 143 if sigterm else 130  # the shell's codes for death by SIGTERM / SIGINT
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The saved config of `run_dir`, set to continue its fit in place from its newest last/interrupted
+    checkpoint; `key=value` overrides (e.g. trainer.max_epochs=20) apply on top."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"resume={run_dir} is not accepted: it has no .hydra/config.yaml (not a train.py run dir)")
+    cfg = OmegaConf.load(saved)
+    cfg.paths.output_dir = str(run_dir.resolve())
+    cfg.ckpt_path = "last"
+    cfg.resume = None
+    OmegaConf.set_struct(cfg, True)
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except ConfigKeyError as err:
+        raise ConfigError(f"with resume=, only key=value overrides of the saved config are accepted ({err.msg})")
+
+
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    result = train(cfg)
+    try:
+        if cfg.get("resume"):
+            # `+key=value` is how Hydra lets a key that train.yaml lacks through; the saved config may have it.
+            others = [o.lstrip("+") for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+            cfg = resume_config(Path(cfg.resume), others)
+        result = train(cfg)
+    except (InputError, NonFiniteLossError) as err:
+        log.error("%s", err)
+        sys.exit(2 if isinstance(err, InputError) else 1)
+    except Interrupted as err:
+        log.warning("%s", err)
+        sys.exit(err.exit_code)
     return result.get("test/acc")
 
 

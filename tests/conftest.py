@@ -6,17 +6,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/fake_data.py
+TESTS_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS_DIR))  # fake_data.py, probes.py
 
 
-def run_script(script: str, *overrides: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a root entry point (train.py, eval.py, ...) as a user would, and fail with its output on error."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+def run_script(script: str, *overrides: str, cwd: Path | None = None, timeout: int = 600,
+               expect_rc: int = 0) -> subprocess.CompletedProcess:
+    """Run a root entry point (train.py, eval.py, ...) as a user would; fail with its output unless it exits
+    with `expect_rc`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1",  # probes.py importable by runs:
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
         [sys.executable, str(ROOT / script), *overrides],
         cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
-    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == expect_rc, f"{script} exited with {proc.returncode}, not {expect_rc}:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 

@@ -11,6 +11,8 @@ same seed. The source actually used is `self.source`: `mnist`, `fashion_mnist` o
 
 import functools
 import logging
+import math
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from torch import Tensor
 from torchvision import datasets
 
 from kd_lightning.data.loader import TensorLoader
+from kd_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +65,29 @@ class MNISTDataModule(pl.LightningDataModule):
         return self.data_dir / self.dataset_cls.__name__ / "raw"
 
     def _load_official(self) -> tuple[datasets.MNIST, datasets.MNIST] | None:
+        """Both official files through torchvision, None when they are not there; corrupt files are an error."""
         try:
             return (
                 self.dataset_cls(self.data_dir, train=True, download=False),
                 self.dataset_cls(self.data_dir, train=False, download=False),
             )
-        except RuntimeError:  # torchvision: "Dataset not found. You can use download=True to download it"
-            return None
+        except RuntimeError as err:
+            if str(err).startswith("Dataset not found"):
+                return None
+            self._raise_corrupt(err)
+        except Exception as err:  # noqa: BLE001 - torchvision's parser fails in several ways on a bad file
+            self._raise_corrupt(err)
+
+    def _raise_corrupt(self, err: Exception) -> None:
+        """Name the first raw file whose size disagrees with its IDX header (or the folder)."""
+        for path in sorted(self._raw_dir().glob("*-ubyte")):
+            expected = idx_file_size(path)
+            if expected != path.stat().st_size:
+                raise DataError(
+                    f"{path} is corrupt or truncated ({path.stat().st_size} bytes, its header says {expected}): "
+                    "delete it and run again to download it"
+                ) from None
+        raise DataError(f"{self._raw_dir()} holds unreadable files ({err}): delete them to download again") from None
 
     def prepare_data(self) -> None:
         """Download when the files are missing (runs once per node). A failure is kept for `setup` to report."""
@@ -100,7 +119,7 @@ class MNISTDataModule(pl.LightningDataModule):
             test = (images[test_idx], labels[test_idx])
             train_x, train_y = images[rest], labels[rest]
         else:
-            raise FileNotFoundError(self._missing_message())
+            raise DataError(self._missing_message())
         train_idx, val_idx = self._split(len(train_x), self.train_val_split)
         self.splits = {
             "train": (train_x[train_idx], train_y[train_idx]),
@@ -158,29 +177,36 @@ class MNISTDataModule(pl.LightningDataModule):
             self._device_splits[key] = tuple(t.to(device) for t in self.splits[split])
         return self._device_splits[key]
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> TensorLoader:
+    def _loader(self, split: str, batch_size: int, training: bool = False) -> TensorLoader:
         images, labels = self._on_device(split)
         trainer = self.trainer
         return TensorLoader(
             images, labels, batch_size, self.normalize,
-            shuffle=shuffle,
+            shuffle=training,
             seed=self.seed,
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
+            even_shards=training,
+            progress=self._fit_progress if training and trainer else None,
         )
+
+    def _fit_progress(self) -> tuple[int, int]:
+        """The fit's epoch and the batches of it already trained on (non-zero when resumed mid-epoch)."""
+        epoch_loop = self.trainer.fit_loop.epoch_loop
+        return self.trainer.current_epoch, epoch_loop.batch_progress.current.processed
 
     def eval_loader(self, split: str, batch_size: int | None = None) -> TensorLoader:
         """`split` in dataset order, without random augmentation (for teacher-logit caches and influence)."""
-        return self._loader(split, batch_size or self.eval_batch_size, shuffle=False)
+        return self._loader(split, batch_size or self.eval_batch_size)
 
     def train_dataloader(self) -> TensorLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        return self._loader("train", self.batch_size, training=True)
 
     def val_dataloader(self) -> TensorLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
+        return self._loader("val", self.eval_batch_size)
 
     def test_dataloader(self) -> TensorLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._loader("test", self.eval_batch_size)
 
 
 class FashionMNISTDataModule(MNISTDataModule):
@@ -197,3 +223,16 @@ def load_mnist_sample() -> tuple[Tensor, Tensor]:
 
     images, labels = mnist_data()
     return torch.from_numpy(images).to(torch.uint8).reshape(-1, 28, 28), torch.from_numpy(labels).long()
+
+
+def idx_file_size(path: Path) -> int | None:
+    """The size an IDX file must have according to its header (magic 0 0 type ndim, then big-endian dims)."""
+    item_sizes = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in item_sizes:
+            return None
+        dims = f.read(4 * head[3])
+    if len(dims) < 4 * head[3]:
+        return None
+    return 4 + 4 * head[3] + math.prod(struct.unpack(f">{head[3]}I", dims)) * item_sizes[head[2]]

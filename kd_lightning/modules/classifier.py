@@ -1,5 +1,6 @@
 """ClassifierModule: one net trained with cross-entropy. Teachers are trained with it."""
 
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+
+from kd_lightning.errors import NonFiniteLossError
 
 EVAL_STAGES = ("val", "test")
 
@@ -63,6 +66,14 @@ class ClassifierModule(pl.LightningModule):
     # terms are summed on the device (no host sync) and logged once per epoch as means (`train/<term>`), and the
     # step values (`train/<term>_step`) only on the steps the logger writes (every trainer.log_every_n_steps).
     def log_train_terms(self, terms: dict[str, Tensor], batch_size: int) -> None:
+        # One host sync a step (nothing measurable on a CPU): stop at the exact step, before the optimizer step,
+        # so the weights and the checkpoints on disk are the last good ones.
+        if not torch.isfinite(terms["loss"]):
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {self.global_step} (epoch {self.current_epoch}): {values}; "
+                "the checkpoints saved so far are kept"
+            )
         values = torch.stack([v.detach() for v in terms.values()]) * batch_size
         acc = self._train_acc  # a plain dict: nn.Module.__setattr__ would cost more than the sums
         acc["sums"] = values if acc["sums"] is None else acc["sums"] + values
@@ -105,3 +116,14 @@ class ClassifierModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["net_config"] = self.net_config
+        # Lightning does not save the RNG state; dropout after a resume must draw what it would have drawn.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_initialized():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if states := checkpoint.get("rng_states"):
+            torch.set_rng_state(states["torch"])
+            random.setstate(states["python"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])

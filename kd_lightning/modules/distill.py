@@ -106,6 +106,7 @@ class DistillModule(ClassifierModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         # Put the current teacher's weights back so strict loading passes and the teacher stays as it is.
         state = checkpoint["state_dict"]
         state.update({TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})

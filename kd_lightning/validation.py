@@ -1,0 +1,63 @@
+"""Checks of the config's values, run before anything is built or trained.
+
+Each failure is one line naming the key, the value and what is accepted. Misspelled keys never get here:
+Hydra's struct mode rejects an override of a key that does not exist.
+"""
+
+import math
+from numbers import Real
+from typing import Any
+
+from omegaconf import DictConfig
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses import LOSS_GROUPS
+
+
+def _require(ok: bool, key: str, value: object, accepted: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not accepted: {accepted}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def validate_config(cfg: DictConfig) -> None:
+    distill = cfg.distill
+    _require(distill.group in LOSS_GROUPS, "distill.group", distill.group, f"one of {', '.join(LOSS_GROUPS)}")
+    _require(_is_number(distill.T) and distill.T > 0, "distill.T", distill.T, "a temperature > 0")
+    _require(_is_number(distill.alpha) and 0 <= distill.alpha <= 1, "distill.alpha", distill.alpha,
+             "a weight in [0, 1]")
+
+    data = cfg.data
+    for key in ("batch_size", "eval_batch_size"):
+        if key in data:
+            _require(_is_positive_int(data[key]), f"data.{key}", data[key], "a positive integer")
+    if "train_val_split" in data:
+        split = list(data.train_val_split)
+        _require(
+            len(split) == 2 and all(_is_number(f) and 0 < f < 1 for f in split) and math.isclose(sum(split), 1.0),
+            "data.train_val_split", split, "two fractions in (0, 1) that sum to 1, e.g. [0.8, 0.2]",
+        )
+
+    trainer = cfg.trainer
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    _require(
+        _is_positive_int(max_epochs) or (max_epochs == -1 and _is_positive_int(max_steps)),
+        "trainer.max_epochs", max_epochs, "a positive integer (or -1 with a positive trainer.max_steps)",
+    )
+
+
+def check_num_classes(what: str, model_cfg: DictConfig, datamodule: Any) -> None:
+    """The model's `num_classes` must be the data's: checked on configs, before any net is built or trained."""
+    n_model, n_data = model_cfg.get("num_classes"), getattr(datamodule, "num_classes", None)
+    if n_model is not None and n_data is not None and n_model != n_data:
+        raise ConfigError(
+            f"{what} has num_classes={n_model}, but the data ({datamodule.source}) has {n_data} classes: "
+            f"use a model with num_classes={n_data}"
+        )

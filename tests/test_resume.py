@@ -1,0 +1,51 @@
+"""Reproducible and resumable: deterministic runs repeat exactly; a run interrupted by SIGTERM or Ctrl-C saves a
+checkpoint and, resumed in place, ends with the metrics of an uninterrupted run."""
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_script
+
+# A small net with dropout (so the resumed RNG state matters), Adadelta + StepLR (scheduler state), 3 epochs.
+RUN = ["experiment=teacher", "model=mlp_784_20_20_10", "model.dropout=0.2", "trainer.max_epochs=3",
+       "trainer.deterministic=true", "seed=5"]
+
+
+def test_seeded_deterministic_runs_are_identical(tmp_path: Path, offline_overrides: list[str]) -> None:
+    for name in ("a", "b"):
+        run_script("train.py", *RUN, *offline_overrides, f"hydra.run.dir={tmp_path / name}")
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("a", "b"))
+    assert {k: v for k, v in a.items() if k.startswith("test/")} == {k: v for k, v in b.items() if k.startswith("test/")}
+    assert a["best_val_loss"] == b["best_val_loss"]
+
+
+@pytest.mark.parametrize(("signal", "exit_code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, offline_overrides: list[str], signal: str,
+                                                    exit_code: int) -> None:
+    run_script("train.py", *RUN, *offline_overrides, f"hydra.run.dir={tmp_path / 'whole'}")
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+
+    run_dir = tmp_path / "interrupted"
+    stopped = run_script(
+        "train.py", *RUN, *offline_overrides, f"hydra.run.dir={run_dir}",
+        "+callbacks.stop._target_=probes.SendSignalAt", "+callbacks.stop.step=70", f"+callbacks.stop.signal={signal}",
+        expect_rc=exit_code,
+    )
+    assert f"resume with: python train.py resume={run_dir}" in stopped.stdout + stopped.stderr
+    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    assert not (run_dir / "metrics.json").exists()
+
+    # Mid-epoch (50 batches an epoch), in its own directory, without the signal this time.
+    run_script("train.py", f"resume={run_dir}", "+callbacks.stop=null")
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("test/acc", "test/loss", "best_val_loss", "best_epoch", "epochs"):
+        assert resumed[key] == whole[key], key
+
+    # The TensorBoard curves continue: each epoch's validation point once, steps increasing.
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/loss")] == [49, 99, 149]
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) >= 2
