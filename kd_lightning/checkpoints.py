@@ -29,13 +29,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
-            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        # weights_only refuses any GLOBAL but tensors' and plain data's: a class, a function such as os.system.
+        if unsafe := re.search(r"GLOBAL (\S+)", str(err)):
             raise CheckpointError(
-                f"{path} was refused: loading it would run code ({unsafe.group(1) if unsafe else 'a pickled object'});"
+                f"{path} was refused: loading it would run code ({unsafe.group(1)});"
                 " only checkpoints of tensors and plain data are loaded"
             ) from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({err})") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it does not unpickle)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({first_line})") from None

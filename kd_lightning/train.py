@@ -16,7 +16,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from hydra.core.hydra_config import HydraConfig
 from omegaconf.errors import ConfigKeyError
-from pytorch_lightning.callbacks import ModelCheckpoint, Timer
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import config  # noqa: F401 - registers the ${kd_root:} resolver
@@ -89,14 +89,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best = next(c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
     test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False)[0]
 
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    epochs = trainer.current_epoch
     result: dict[str, Any] = {
         **{k: float(v) for k, v in test_metrics.items()},
-        "best_val_loss": float(best.best_model_score),
-        "best_epoch": int(load_checkpoint(best.best_model_path)["epoch"]),
-        "epochs": epochs,
-        "seconds_per_epoch": timer.time_elapsed("train") / max(epochs, 1) if timer else None,
+        **fit_facts(best),
         "data_source": datamodule.source,
         "params": count_params(net),
         "teacher_params": count_params(module.teacher) if is_distillation(cfg) else None,
@@ -117,6 +112,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         print_summary(cfg, result)
     return result
+
+
+def fit_facts(best: ModelCheckpoint) -> dict[str, Any]:
+    """Best epoch and score, epochs run and seconds per epoch, read from the best and last checkpoints: they
+    hold them whether the fit ran here or in spawned DDP processes (whose trainer state stays there)."""
+    best_ckpt = load_checkpoint(best.best_model_path)
+    last_ckpt = load_checkpoint(Path(best.dirpath) / f"{best.CHECKPOINT_NAME_LAST}{best.FILE_EXTENSION}")
+    epochs = last_ckpt["epoch"] + 1
+    best_state = next(v for k, v in best_ckpt["callbacks"].items() if k.startswith("ModelCheckpoint") and
+                      v.get("monitor") == best.monitor)
+    timer = last_ckpt["callbacks"].get("Timer")
+    return {
+        "best_val_loss": float(best_state["best_model_score"]),
+        "best_epoch": int(best_ckpt["epoch"]),
+        "epochs": epochs,
+        "seconds_per_epoch": timer["time_elapsed"]["train"] / epochs if timer else None,
+    }
 
 
 class Interrupted(Exception):

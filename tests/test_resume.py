@@ -14,19 +14,32 @@ RUN = ["experiment=teacher", "model=mlp_784_20_20_10", "model.dropout=0.2", "tra
        "trainer.deterministic=true", "seed=5"]
 
 
-def test_seeded_deterministic_runs_are_identical(tmp_path: Path, offline_overrides: list[str]) -> None:
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The metrics of two uninterrupted runs with the same seed, each in its own fresh log dir."""
+    results = []
     for name in ("a", "b"):
-        run_script("train.py", *RUN, *offline_overrides, f"hydra.run.dir={tmp_path / name}")
-    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("a", "b"))
+        tmp = tmp_path_factory.mktemp(name)
+        run_script("train.py", *RUN, *offline(tmp), f"hydra.run.dir={tmp / 'run'}")
+        results.append(json.loads((tmp / "run" / "metrics.json").read_text()))
+    return results
+
+
+def offline(tmp: Path) -> list[str]:
+    return [f"paths.log_dir={tmp / 'logs'}", f"paths.data_dir={tmp / 'data'}", "data.download=false",
+            "trainer.enable_progress_bar=false", "callbacks.progress_bar=null"]
+
+
+def test_seeded_deterministic_runs_are_identical(uninterrupted: list[dict]) -> None:
+    a, b = uninterrupted
     assert {k: v for k, v in a.items() if k.startswith("test/")} == {k: v for k, v in b.items() if k.startswith("test/")}
-    assert a["best_val_loss"] == b["best_val_loss"]
+    assert a["best_val_loss"] == b["best_val_loss"] and a["test/acc"] > 0.5
 
 
 @pytest.mark.parametrize(("signal", "exit_code"), [("SIGTERM", 143), ("SIGINT", 130)])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, offline_overrides: list[str], signal: str,
-                                                    exit_code: int) -> None:
-    run_script("train.py", *RUN, *offline_overrides, f"hydra.run.dir={tmp_path / 'whole'}")
-    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+                                                    exit_code: int, uninterrupted: list[dict]) -> None:
+    whole = uninterrupted[0]
 
     run_dir = tmp_path / "interrupted"
     stopped = run_script(
