@@ -6,6 +6,7 @@ One function trains any configured net: teachers (ClassifierModule) and students
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytorch_lightning as pl
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf.errors import ConfigKeyError
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -24,6 +26,7 @@ from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.errors import ConfigError, InputError, NonFiniteLossError
 from kd_lightning.modules import DistillModule
 from kd_lightning.summary import hparams_of, print_summary
+from kd_lightning.sweeps import Interrupted, run_sweep_job
 from kd_lightning.teacher import cached_teacher_logits, provide_teacher
 from kd_lightning.validation import check_num_classes, validate_config
 
@@ -78,6 +81,7 @@ def build(cfg: DictConfig) -> Run:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit on train/val, test the best-by-validation checkpoint, return the run's metrics."""
+    started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     run = build(cfg)
     datamodule, module, trainer, teacher_ckpt = run.datamodule, run.module, run.trainer, run.teacher_ckpt
@@ -98,6 +102,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_ckpt": str(best.best_model_path),
         "teacher_ckpt": str(teacher_ckpt) if teacher_ckpt else None,
         "output_dir": str(output_dir),
+        "wall_seconds": time.perf_counter() - started,
     }
     if trainer.is_global_zero:
         hp_metrics = {
@@ -115,7 +120,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def fit_facts(best: ModelCheckpoint) -> dict[str, Any]:
-    """Best epoch and score, epochs run and seconds per epoch, read from the best and last checkpoints: they
+    """Validation metrics, best epoch and score, epochs run and seconds per epoch, read from the best and last
+    checkpoints: they
     hold them whether the fit ran here or in spawned DDP processes (whose trainer state stays there)."""
     best_ckpt = load_checkpoint(best.best_model_path)
     last_ckpt = load_checkpoint(Path(best.dirpath) / f"{best.CHECKPOINT_NAME_LAST}{best.FILE_EXTENSION}")
@@ -124,20 +130,12 @@ def fit_facts(best: ModelCheckpoint) -> dict[str, Any]:
                       v.get("monitor") == best.monitor)
     timer = last_ckpt["callbacks"].get("Timer")
     return {
+        **best_ckpt.get("val_metrics", {}),  # val/acc, val/loss, ... of the best checkpoint
         "best_val_loss": float(best_state["best_model_score"]),
         "best_epoch": int(best_ckpt["epoch"]),
         "epochs": epochs,
         "seconds_per_epoch": timer["time_elapsed"]["train"] / epochs if timer else None,
     }
-
-
-class Interrupted(Exception):
-    """The fit was stopped by Ctrl-C or SIGTERM after saving checkpoints/interrupted.ckpt."""
-
-    def __init__(self, output_dir: Path, sigterm: bool) -> None:
-        super().__init__(f"interrupted by {'SIGTERM' if sigterm else 'Ctrl-C'}; resume with: "
-                         f"python train.py resume={output_dir}")
-        self.exit_code = 143 if sigterm else 130  # the shell's codes for death by SIGTERM / SIGINT
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -159,19 +157,21 @@ def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
 
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """Train, and return `cfg.optimized_metric` (the objective of a sweeper such as Optuna)."""
     try:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return run_sweep_job(cfg, train)  # failures are recorded, not raised: the sweep goes on
         if cfg.get("resume"):
             # `+key=value` is how Hydra lets a key that train.yaml lacks through; the saved config may have it.
             others = [o.lstrip("+") for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
             cfg = resume_config(Path(cfg.resume), others)
-        result = train(cfg)
+        return train(cfg)[cfg.optimized_metric]
     except (InputError, NonFiniteLossError) as err:
         log.error("%s", err)
         sys.exit(2 if isinstance(err, InputError) else 1)
     except Interrupted as err:
         log.warning("%s", err)
         sys.exit(err.exit_code)
-    return result.get("test/acc")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,10 @@ class ClassifierModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["net_config"] = self.net_config
+        # The validation metrics this checkpoint was chosen by: the best checkpoint reports its own.
+        checkpoint["val_metrics"] = {
+            k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")
+        }
         # Lightning does not save the RNG state; dropout after a resume must draw what it would have drawn.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_initialized():

@@ -1,0 +1,124 @@
+"""Hydra multiruns: a T × alpha grid and its report, resuming a sweep, failures that do not stop it, the joblib
+launcher (teacher trained once), two Optuna trials, the SLURM launcher config, and the results notebook."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import nbclient
+import nbformat
+import pytest
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+from conftest import ROOT, run_script
+from kd_lightning.config import CONF_DIR
+
+TINY = ["trainer.max_epochs=2", "+trainer.limit_train_batches=10", "trainer.log_every_n_steps=5",
+        "teacher.overrides=['trainer.max_epochs=1','+trainer.limit_train_batches=10']"]
+GRID = ["-m", "experiment=hard_soft", "distill.T=1,4", "distill.alpha=0.1,0.9", *TINY]
+
+
+def offline(tmp: Path) -> list[str]:
+    return [f"paths.log_dir={tmp / 'logs'}", "data.download=false", "trainer.enable_progress_bar=false",
+            "callbacks.progress_bar=null"]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    tmp = tmp_path_factory.mktemp("grid")
+    command = [*GRID, *offline(tmp), f"hydra.sweep.dir={tmp / 'sweep'}"]
+    run_script("train.py", *command)
+    return tmp / "sweep", command
+
+
+def test_grid_sweep_report(grid: tuple[Path, list[str]]) -> None:
+    sweep, _ = grid
+    with open(sweep / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["T"], r["alpha"]) for r in rows] == [("1", "0.1"), ("1", "0.9"), ("4", "0.1"), ("4", "0.9")]
+    for row in rows:
+        metrics = json.loads((sweep / row["job"] / "metrics.json").read_text())
+        assert row["status"] == "done" and row["group"] == "hard_soft" and row["seed"] == "42"
+        assert float(row["test_acc"]) == pytest.approx(metrics["test/acc"])
+        assert float(row["val_acc"]) == pytest.approx(metrics["val/acc"])
+        assert float(row["test_agreement"]) == pytest.approx(metrics["test/agreement"])
+        assert int(row["best_epoch"]) == metrics["best_epoch"] and float(row["wall_seconds"]) > 0
+
+    table = (sweep / "results.md").read_text().splitlines()
+    settings = [line for line in table if line.startswith("| hard_soft")]
+    assert len(settings) == 4 and "**(best)**" in settings[0]
+    best_val = max(float(r["val_acc"]) for r in rows)
+    assert f"{best_val:.4f} ± 0.0000" in settings[0]
+    for png in ("heatmap.png", "curves.png"):
+        assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # One TensorBoard for the whole sweep: every job's run carries its hparams (the HParams tab).
+    for job in range(4):
+        tags = {v.tag for f in (sweep / str(job) / "tensorboard").glob("events.*")
+                for event in EventFileLoader(str(f)).Load() for v in event.summary.value}
+        assert {"_hparams_/experiment", "_hparams_/session_start_info", "hp/test_acc", "val/loss"} <= tags
+
+
+def test_rerunning_the_sweep_skips_finished_jobs(grid: tuple[Path, list[str]]) -> None:
+    sweep, command = grid
+    stamps = {job: (sweep / str(job) / "metrics.json").stat().st_mtime_ns for job in range(4)}
+    # Job 3 "did not finish": its result is gone but its last checkpoint is there.
+    (sweep / "3" / "metrics.json").unlink()
+    proc = run_script("train.py", *command)
+    log = proc.stdout + proc.stderr
+    assert log.count("finished in an earlier run of this sweep: skipped") == 3
+    assert "Job 3 resumes from its last checkpoint" in log
+    assert all((sweep / str(j) / "metrics.json").stat().st_mtime_ns == stamps[j] for j in range(3))
+    assert (sweep / "3" / "metrics.json").is_file()
+
+
+def test_notebook_runs_on_the_sweep(grid: tuple[Path, list[str]]) -> None:
+    sweep, _ = grid
+    notebook = nbformat.read(ROOT / "notebooks" / "kd_results.ipynb", as_version=4)
+    os.environ["KD_SWEEP_DIR"] = str(sweep)
+    try:
+        nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
+    finally:
+        del os.environ["KD_SWEEP_DIR"]
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # heatmap and curves
+    assert any("4 jobs, 4 done" in o.get("text", "") for o in outputs)
+
+
+def test_joblib_parallel_jobs_share_one_teacher_and_failures_do_not_stop_the_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    run_script("train.py", "-m", "experiment=soft", "distill.T=2,-1,3", "hydra/launcher=joblib",
+               "hydra.launcher.n_jobs=2", *TINY, *offline(tmp_path), f"hydra.sweep.dir={sweep}")
+    logs = [(sweep / str(job) / "train.log").read_text() for job in range(3)]
+    assert sum("Training the teacher" in log for log in logs) == 1
+    assert len(list((tmp_path / "logs" / "teachers").glob("*/teacher.ckpt"))) == 1
+    failure = json.loads((sweep / "1" / "failed.json").read_text())
+    assert failure["error"] == "ConfigError: distill.T=-1 is not accepted: a temperature > 0"
+    assert (sweep / "0" / "metrics.json").is_file() and (sweep / "2" / "metrics.json").is_file()
+    assert "- job 1 failed: ConfigError: distill.T=-1" in (sweep / "results.md").read_text()
+
+
+def test_two_optuna_trials(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    run_script("train.py", "sweep=optuna", "hydra.sweeper.n_trials=2", *TINY, *offline(tmp_path),
+               f"hydra.sweep.dir={sweep}")
+    result = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in result and "distill.T" in result and "distill.alpha" in result
+    values = [json.loads((sweep / str(j) / "metrics.json").read_text())["val/acc"] for j in range(2)]
+    assert f"best_value: {max(values)}" in result
+
+
+def test_slurm_launcher_configs_compose() -> None:
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        plain = compose("train", ["sweep=groups", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+                                  "hydra.launcher.gpus_per_node=2", "hydra.launcher.timeout_min=30"],
+                        return_hydra_config=True)
+        ours = compose("train", ["sweep=groups", "hydra/launcher=slurm"], return_hydra_config=True)
+    assert plain.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert (plain.hydra.launcher.partition, plain.hydra.launcher.gpus_per_node, plain.hydra.launcher.timeout_min) == (
+        "gpu", 2, 30)
+    assert ours.hydra.launcher._target_ == plain.hydra.launcher._target_
+    assert (ours.hydra.launcher.timeout_min, ours.hydra.launcher.gpus_per_node) == (240, 1)
+    assert dict(ours.hydra.sweeper.params) == {"experiment": "hard,soft,hard_soft", "seed": "1,2,3"}
