@@ -24,8 +24,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from hydra.utils import instantiate
+from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from kd_lightning.config import compose_train_config

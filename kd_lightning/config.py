@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning_fabric  # noqa: F401 - sets PYTORCH_NVML_BASED_CUDA_CHECK, adjusted below
-
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf

@@ -13,15 +13,15 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from kd_lightning import config  # noqa: F401 - registers the ${kd_root:} resolver
+from kd_lightning import config  # also registers the ${kd_root:} and ${kd_if_null:} resolvers
 from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.errors import ConfigError, InputError, NonFiniteLossError
 from kd_lightning.modules import DistillModule
@@ -108,7 +108,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         hp_metrics = {
             f"hp/{k.replace('/', '_')}": v
             for k, v in result.items()
-            if k.startswith("test/") or k in ("best_val_loss", "best_epoch")
+            if k.startswith(("test/", "val/")) or k in ("best_val_loss", "best_epoch")
         }
         for lg in trainer.loggers:
             lg.log_hyperparams(hparams_of(cfg, datamodule.source), hp_metrics)
@@ -121,8 +121,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def fit_facts(best: ModelCheckpoint) -> dict[str, Any]:
     """Validation metrics, best epoch and score, epochs run and seconds per epoch, read from the best and last
-    checkpoints: they
-    hold them whether the fit ran here or in spawned DDP processes (whose trainer state stays there)."""
+    checkpoints: they hold them whether the fit ran here or in spawned DDP processes (whose trainer state
+    stays there)."""
     best_ckpt = load_checkpoint(best.best_model_path)
     last_ckpt = load_checkpoint(Path(best.dirpath) / f"{best.CHECKPOINT_NAME_LAST}{best.FILE_EXTENSION}")
     epochs = last_ckpt["epoch"] + 1
@@ -152,7 +152,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except ConfigKeyError as err:
-        raise ConfigError(f"with resume=, only key=value overrides of the saved config are accepted ({err.msg})")
+        raise ConfigError(f"with resume=, only key=value overrides of the saved config are accepted ({err.msg})") from None
 
 
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="train")
