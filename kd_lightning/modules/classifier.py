@@ -26,10 +26,12 @@ class ClassifierModule(pl.LightningModule):
         net: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.net = net
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.label_smoothing = label_smoothing  # of the training loss only: val/test loss stays plain CE
         self.net_config: dict | None = None  # the Hydra config of `net`, stored in checkpoints
         self.num_classes: int = net.num_classes
         self.eval_metrics = nn.ModuleDict({stage: self._make_eval_metrics() for stage in EVAL_STAGES})
@@ -46,7 +48,7 @@ class ClassifierModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, _ = batch
-        loss = F.cross_entropy(self.net(x), y)
+        loss = F.cross_entropy(self.net(x), y, label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
