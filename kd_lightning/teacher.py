@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from filelock import FileLock
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -38,11 +39,18 @@ TRAINER_KEYS_HASHED = {"max_epochs", "max_steps", "precision", "accumulate_grad_
 
 
 def compose_teacher_config(cfg: DictConfig) -> DictConfig:
-    """The full training config of the teacher named by `cfg.teacher`, on the run's data and paths."""
-    tcfg = compose_train_config([f"experiment={cfg.teacher.experiment}", *cfg.teacher.overrides])
+    """The full training config of the teacher named by `cfg.teacher`, on the run's data and paths, with the
+    run's trainer config (`trainer=gpu`: the teacher trains on the GPU in bf16 too)."""
+    trainer_choice = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
+    tcfg = compose_train_config([
+        *([f"trainer={trainer_choice}"] if trainer_choice else []),
+        f"experiment={cfg.teacher.experiment}",
+        *cfg.teacher.overrides,
+    ])
     tcfg.data = cfg.data
     tcfg.paths = cfg.paths
-    tcfg.trainer.accelerator = cfg.trainer.accelerator
+    if not trainer_choice:  # composed outside a Hydra app (tests, notebooks): at least the same device type
+        tcfg.trainer.accelerator = cfg.trainer.accelerator
     return tcfg
 
 

@@ -1,7 +1,10 @@
 """Small datasets written in the real on-disk formats, read back through torchvision with download=False."""
 
+import hashlib
+import pickle
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,3 +30,76 @@ def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 400, n_test: i
     write_idx(raw / "t10k-images-idx3-ubyte", images[n_train : n_train + n_test])
     write_idx(raw / "t10k-labels-idx1-ubyte", labels[n_train : n_train + n_test])
     return root
+
+
+def _pickle(path: Path, obj: dict) -> str:
+    """Write `obj` pickled as the CIFAR files are (protocol 2, str keys); return the file's md5."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _cifar_batch(rng: np.random.Generator, n: int, num_classes: int) -> tuple[dict, list[int]]:
+    """Random uint8 images (rows of 3072 = 3 planes of 32x32, as in the real files) and their labels, which
+    cycle over the classes so that every class of a few dozen images occurs."""
+    labels = ((np.arange(n) + rng.integers(num_classes)) % num_classes).tolist()
+    images = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    return {"batch_label": "fake", "data": images, "filenames": [f"fake_{i}.png" for i in range(n)]}, labels
+
+
+def _cifar10_batch(rng: np.random.Generator, n: int) -> dict:
+    batch, labels = _cifar_batch(rng, n, 10)
+    return {**batch, "labels": labels}
+
+
+def _cifar100_batch(rng: np.random.Generator, n: int) -> dict:
+    batch, fine = _cifar_batch(rng, n, 100)
+    return {**batch, "fine_labels": fine, "coarse_labels": [label // 5 for label in fine]}
+
+
+def write_cifar10(root: Path, n_train: int = 50, n_test: int = 20, seed: int = 0) -> dict[str, Any]:
+    """CIFAR-10 in torchvision's layout (`<root>/cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta`).
+
+    Returns the attributes of torchvision.datasets.CIFAR10 that name the files with their md5 sums, for
+    these files: patched into the class, torchvision's own integrity check runs and accepts them.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    train_list = [
+        [f"data_batch_{i + 1}", _pickle(folder / f"data_batch_{i + 1}", _cifar10_batch(rng, len(part)))]
+        for i, part in enumerate(np.array_split(np.arange(n_train), 5))
+    ]
+    test_list = [["test_batch", _pickle(folder / "test_batch", _cifar10_batch(rng, n_test))]]
+    meta = {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": n_train // 5, "num_vis": 3072}
+    meta_md5 = _pickle(folder / "batches.meta", meta)
+    return {"train_list": train_list, "test_list": test_list,
+            "meta": {"filename": "batches.meta", "key": "label_names", "md5": meta_md5}}
+
+
+def write_cifar100(root: Path, n_train: int = 50, n_test: int = 20, seed: int = 0) -> dict[str, Any]:
+    """CIFAR-100 in torchvision's layout (`<root>/cifar-100-python/train, test, meta`), fine and coarse labels;
+    returns the checksum attributes of torchvision.datasets.CIFAR100 as `write_cifar10` does."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    train_list = [["train", _pickle(folder / "train", _cifar100_batch(rng, n_train))]]
+    test_list = [["test", _pickle(folder / "test", _cifar100_batch(rng, n_test))]]
+    meta = {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]}
+    meta_md5 = _pickle(folder / "meta", meta)
+    return {"train_list": train_list, "test_list": test_list,
+            "meta": {"filename": "meta", "key": "fine_label_names", "md5": meta_md5}}
+
+
+def write_checksum_sitecustomize(folder: Path, checksums: dict[str, dict[str, Any]]) -> Path:
+    """A `sitecustomize.py` in `folder` that gives torchvision's CIFAR classes the md5 sums of fake files.
+
+    `checksums` maps a class name (`CIFAR10`, `CIFAR100`) to what `write_cifar10/100` returned. Python runs
+    sitecustomize at start-up when `folder` is on PYTHONPATH: a subprocess (train.py) then reads the fake
+    files through torchvision's unchanged integrity check, as the in-process tests do with monkeypatch.
+    """
+    lines = ["import torchvision.datasets"]
+    for cls, attrs in checksums.items():
+        lines += [f"torchvision.datasets.{cls}.{name} = {value!r}" for name, value in attrs.items()]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text("\n".join(lines) + "\n")
+    return folder

@@ -1,6 +1,14 @@
 """LightningDataModules. Batches are `(inputs, labels, dataset_indices)`."""
 
+from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule
 from kd_lightning.data.loader import TensorLoader
 from kd_lightning.data.mnist import FashionMNISTDataModule, MNISTDataModule
 
-__all__ = ["FashionMNISTDataModule", "MNISTDataModule", "TensorLoader"]
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "CIFARDataModule",
+    "FashionMNISTDataModule",
+    "MNISTDataModule",
+    "TensorLoader",
+]

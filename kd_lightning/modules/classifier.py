@@ -30,11 +30,13 @@ class ClassifierModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         compile: bool = False,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.net = net
         self.compile_net = compile
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.label_smoothing = label_smoothing  # of the training loss only: val/test loss stays plain CE
         self.net_config: dict | None = None  # the Hydra config of `net`, stored in checkpoints
         self.num_classes: int = net.num_classes
         self.eval_metrics = nn.ModuleDict({stage: self._make_eval_metrics() for stage in EVAL_STAGES})
@@ -57,7 +59,7 @@ class ClassifierModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, _ = batch
-        loss = F.cross_entropy(self.net(x), y)
+        loss = F.cross_entropy(self.net(x), y, label_smoothing=self.label_smoothing)
         self.log_train_terms({"loss": loss}, len(y))
         return loss
 
@@ -79,7 +81,8 @@ class ClassifierModule(pl.LightningModule):
         acc["sums"] = values if acc["sums"] is None else acc["sums"] + values
         acc["count"] += batch_size
         acc["names"] = list(terms)
-        if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
+        trainer = self._trainer  # None when a step is called by hand (tests); `self.trainer` would raise
+        if trainer is not None and (self.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
             self.log_dict({f"train/{k}_step": v for k, v in terms.items()}, on_step=True, on_epoch=False,
                           prog_bar=True, batch_size=batch_size)
 
