@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import run_script
-from fake_data import write_mnist
 from hydra.errors import ConfigCompositionException
 
+from conftest import run_script
+from fake_data import write_mnist
 from kd_lightning.checkpoints import atomic_torch_save, load_checkpoint
 from kd_lightning.config import compose_train_config
 from kd_lightning.data import MNISTDataModule

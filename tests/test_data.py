@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_data import write_mnist
 from torch.utils.data import random_split
 
+from fake_data import write_mnist
 from kd_lightning.data import FashionMNISTDataModule, MNISTDataModule, TensorLoader
 from kd_lightning.data.mnist import SAMPLE_SOURCE, load_mnist_sample
 

@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_script
 
 # A small net with dropout (so the resumed RNG state matters), Adadelta + StepLR (scheduler state), 3 epochs.
 RUN = ["experiment=teacher", "model=mlp_784_20_20_10", "model.dropout=0.2", "trainer.max_epochs=3",
