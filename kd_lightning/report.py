@@ -5,7 +5,7 @@ Writes into the multirun dir:
 - results.csv: one row per job (group, T, alpha, seed, status, best epoch, val/test accuracy and loss, teacher
   agreement, wall time), from each job's own metrics.json / failed.json;
 - results.md: mean ± std over seeds per setting, the best setting (by validation accuracy) marked;
-- heatmap.png: mean test accuracy over T × alpha (hard_soft jobs, or every job when T and alpha vary);
+- heatmap.png: mean test accuracy over T × alpha of the hard_soft jobs (when there are any);
 - curves.png: train loss and val loss per epoch for each group, from the jobs' TensorBoard logs.
 Test metrics are those of the checkpoint chosen by validation loss, never of the best test epoch.
 """
@@ -44,12 +44,12 @@ def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
     for job in job_dirs(Path(sweep_dir)):
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         distill = config.get("distill", {})
-        is_student = config["module"]["_target_"].endswith("DistillModule")
+        group = distill.get("group") if config["module"]["_target_"].endswith("DistillModule") else "teacher"
         row: dict[str, Any] = {
             "job": int(job.name),
-            "group": distill.get("group") if is_student else "teacher",
-            "T": distill.get("T") if is_student else None,
-            "alpha": distill.get("alpha") if is_student else None,
+            "group": group,
+            "T": distill.get("T") if group in ("soft", "hard_soft") else None,  # only where it acts
+            "alpha": distill.get("alpha") if group == "hard_soft" else None,
             "seed": config.get("seed"),
         }
         if (job / "metrics.json").is_file():
@@ -109,10 +109,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_heatmap(rows: list[dict[str, Any]], path: Path | None = None) -> Figure:
-    """Mean test accuracy over T × alpha."""
+    """Mean test accuracy of the hard_soft students over T × alpha."""
     cells: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        if r["status"] == "done" and r["T"] is not None and r["group"] != "hard":
+        if r["status"] == "done" and r["group"] == "hard_soft":  # the group where both T and alpha act
             cells[(r["T"], r["alpha"])].append(r["test_acc"])
     temps, alphas = sorted({t for t, _ in cells}), sorted({a for _, a in cells})
     grid = [[statistics.fmean(cells[(t, a)]) if (t, a) in cells else float("nan") for a in alphas] for t in temps]
@@ -186,8 +186,9 @@ def write_report(sweep_dir: str | Path) -> list[dict[str, Any]]:
         writer.writeheader()
         writer.writerows(rows)
     (sweep_dir / "results.md").write_text(markdown_table(rows))
-    if any(r["status"] == "done" for r in rows):
+    if any(r["status"] == "done" and r["group"] == "hard_soft" for r in rows):
         plot_heatmap(rows, sweep_dir / "heatmap.png")
+    if any(r["status"] == "done" for r in rows):
         plot_curves(sweep_dir, rows, sweep_dir / "curves.png")
     log.info("Sweep report written to %s (results.csv, results.md, heatmap.png, curves.png)", sweep_dir)
     return rows
