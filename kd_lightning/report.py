@@ -91,17 +91,20 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| group | T | alpha | runs | val acc | test acc | test loss | agreement with teacher |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def fmt(value: tuple[float, float] | None, digits: int = 4) -> str:
-        return "-" if value is None else f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
-
     for i, e in enumerate(summary):
+
+        def fmt(value: tuple[float, float] | None, n: int = e["n"]) -> str:
+            if value is None:
+                return "-"
+            return f"{value[0]:.4f}" if n == 1 else f"{value[0]:.4f} ± {value[1]:.4f}"
+
         mark = " **(best)**" if i == 0 else ""
         t, alpha = ("-" if v is None else f"{v:.4g}" for v in (e["T"], e["alpha"]))
         lines.append(f"| {e['group']}{mark} | {t} | {alpha} | {e['n']} | {fmt(e['val_acc'])} | "
                      f"{fmt(e['test_acc'])} | {fmt(e['test_loss'])} | {fmt(e['test_agreement'])} |")
     failed = [r for r in rows if r["status"] != "done"]
     lines.append("")
-    lines.append(f"Mean ± std over seeds. Best = highest mean validation accuracy. Test metrics at the checkpoint "
+    lines.append(f"Mean ± std over seeds (a single run: its value). Best = highest mean validation accuracy. Test metrics at the checkpoint "
                  f"chosen by validation loss. {len(rows) - len(failed)} of {len(rows)} jobs done.")
     for r in failed:
         lines.append(f"- job {r['job']} {r['status']}: {r['error'] or 'no result yet'}")
