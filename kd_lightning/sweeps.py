@@ -40,6 +40,7 @@ def limit_threads_for_parallel_jobs() -> None:
     cpus = len(os.sched_getaffinity(0))
     n_jobs = launcher.n_jobs if launcher.n_jobs > 0 else max(1, cpus + 1 + launcher.n_jobs)  # joblib's -1 = all
     torch.set_num_threads(max(1, cpus // n_jobs))
+    log.info("%d jobs at once on %d cores: %d torch threads for this one", n_jobs, cpus, torch.get_num_threads())
 
 
 def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> float | None:
