@@ -3,6 +3,7 @@
 import ctypes
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,15 @@ class _DropLightningTips(logging.Filter):
 
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropLightningTips())
+
+
+# Warnings about Lightning's own behaviour that a user can do nothing about:
+# - with an on-exception checkpoint (InterruptCheckpoint), fit(ckpt_path=None) means "last" and says so, and then
+#   that a new run has no last checkpoint; train.py reports a missing checkpoint itself when resuming was asked for;
+# - Lightning 2.6 calls an API that torch deprecated.
+for message in (
+    r"`\.fit\(ckpt_path=None\)` was called without a model",
+    r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint available",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+):
+    warnings.filterwarnings("ignore", message=message)

@@ -86,6 +86,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run = build(cfg)
     datamodule, module, trainer, teacher_ckpt = run.datamodule, run.module, run.trainer, run.teacher_ckpt
     net = module.net
+    if cfg.get("ckpt_path") == "last" and not list((output_dir / "checkpoints").glob("*.ckpt")):
+        log.warning("ckpt_path=last: no checkpoint in %s yet, so training starts from the beginning", output_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns Ctrl-C and SIGTERM into these

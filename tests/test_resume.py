@@ -5,7 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import run_script
 from kd_lightning.config import compose_train_config
@@ -64,3 +68,35 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, offline_over
     events.Reload()
     assert [e.step for e in events.Scalars("val/loss")] == [49, 99, 149]
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) >= 2
+
+
+class RisingValLoss(pl.LightningModule):
+    """val/loss grows every epoch: the best checkpoint stays at epoch 0 while training goes on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self.log("val/loss", float(self.current_epoch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_last_checkpoint_is_the_last_epoch_after_the_best_one(tmp_path: Path) -> None:
+    """The configured checkpoints: best.ckpt at the best epoch, last.ckpt at the last one (what resume reads).
+    (Lightning 2.6's `save_last=True` beside a monitored top-1 would leave last.ckpt at the best epoch.)"""
+    cfg = compose_train_config([f"paths.output_dir={tmp_path}"])
+    callbacks = [instantiate(cfg.callbacks[name]) for name in ("model_checkpoint", "last_checkpoint")]
+    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+    trainer = pl.Trainer(max_epochs=3, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(RisingValLoss(), train_dataloaders=data, val_dataloaders=data)
+    epoch_of = {name: torch.load(tmp_path / "checkpoints" / name, weights_only=True)["epoch"]
+                for name in ("best.ckpt", "last.ckpt")}
+    assert epoch_of == {"best.ckpt": 0, "last.ckpt": 2}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
