@@ -5,45 +5,60 @@ Every metric and loss a run trains on is computed here; modules only call `LOSS_
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+def soft_targets(teacher_logits: Tensor, T: float) -> Tensor:
+    """The teacher's log-probabilities at temperature T, log softmax(teacher/T): the KD term's targets.
+
+    Detached: gradients flow into the student only. Computed once per dataset when the teacher's logits are
+    cached, so a training step pays only for the student's side of the KD term.
+    """
+    return F.log_softmax(teacher_logits.detach() / T, dim=-1)
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch (Hinton et al. 2015).
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch (Hinton et al. 2015)."""
+    return kd_term(student_logits, soft_targets(teacher_logits, T), T)
+
+
+def kd_term(student_logits: Tensor, teacher_log_probs: Tensor, T: float) -> Tensor:
+    """kd_loss with the teacher's side already computed (`soft_targets`).
 
     `batchmean` divides the summed KL by the batch size only; PyTorch's default `mean` would also divide by
     the number of classes. The T^2 factor keeps the soft term's gradient about the same size as T changes.
-    The teacher's logits are detached: gradients flow into the student only.
     """
     log_p_student = F.log_softmax(student_logits / T, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach() / T, dim=-1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (T * T)
+    return F.kl_div(log_p_student, teacher_log_probs, reduction="batchmean", log_target=True) * (T * T)
 
 
 LossTerms = dict[str, Tensor]
 LossGroup = Callable[..., LossTerms]
 
 
-def hard_group(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, T: float, alpha: float) -> LossTerms:
+# A group takes the student's logits, the teacher's `soft_targets` at T (None for `hard`), the labels, T, alpha.
+def hard_group(student_logits: Tensor, teacher_log_probs: Tensor | None, labels: Tensor, T: float, alpha: float) -> LossTerms:
     """Cross-entropy on the labels only; the teacher is not needed."""
     hard = F.cross_entropy(student_logits, labels)
     return {"loss": hard, "hard_loss": hard}
 
 
-def soft_group(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, T: float, alpha: float) -> LossTerms:
+def soft_group(student_logits: Tensor, teacher_log_probs: Tensor | None, labels: Tensor, T: float, alpha: float) -> LossTerms:
     """The KD term only: the student never sees a label."""
-    soft = kd_loss(student_logits, teacher_logits, T)
+    soft = kd_term(student_logits, teacher_log_probs, T)
     return {"loss": soft, "soft_loss": soft}
 
 
 def hard_soft_group(
-    student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, T: float, alpha: float
+    student_logits: Tensor, teacher_log_probs: Tensor | None, labels: Tensor, T: float, alpha: float
 ) -> LossTerms:
     """alpha * soft + (1 - alpha) * hard: alpha weights the soft (teacher) term."""
     hard = F.cross_entropy(student_logits, labels)
-    soft = kd_loss(student_logits, teacher_logits, T)
-    return {"loss": alpha * soft + (1.0 - alpha) * hard, "hard_loss": hard, "soft_loss": soft}
+    soft = kd_term(student_logits, teacher_log_probs, T)
+    # lerp(hard, soft, alpha) = hard + alpha * (soft - hard): the weighted sum in one op instead of three.
+    return {"loss": torch.lerp(hard, soft, alpha), "hard_loss": hard, "soft_loss": soft}
 
 
 # name -> (loss function, needs the teacher's logits during training)

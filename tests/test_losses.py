@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.losses import LOSS_GROUPS, get_loss_group, kd_loss
+from kd_lightning.losses import LOSS_GROUPS, get_loss_group, kd_loss, soft_targets
 
 STUDENT = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], dtype=torch.float64)
 TEACHER = torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, 4.0]], dtype=torch.float64)
@@ -89,15 +89,22 @@ def test_groups_formulas() -> None:
     T, alpha = 2.0, 0.3
     hard = F.cross_entropy(STUDENT, LABELS)
     soft = torch.tensor(kd_by_hand(STUDENT.tolist(), TEACHER.tolist(), T), dtype=torch.float64)
-    terms = {name: fn(STUDENT, TEACHER, LABELS, T, alpha) for name, (fn, _) in LOSS_GROUPS.items()}
+    targets = soft_targets(TEACHER, T)  # what groups receive: the teacher's log-probabilities at T
+    terms = {name: fn(STUDENT, targets, LABELS, T, alpha) for name, (fn, _) in LOSS_GROUPS.items()}
     torch.testing.assert_close(terms["hard"]["loss"], hard)
     torch.testing.assert_close(terms["soft"]["loss"], soft)
     torch.testing.assert_close(terms["hard_soft"]["loss"], alpha * soft + (1 - alpha) * hard)
     torch.testing.assert_close(terms["hard_soft"]["hard_loss"], hard)
     torch.testing.assert_close(terms["hard_soft"]["soft_loss"], soft)
     # alpha weights the soft term: alpha=1 is the soft group, alpha=0 the hard group.
-    torch.testing.assert_close(LOSS_GROUPS["hard_soft"][0](STUDENT, TEACHER, LABELS, T, 1.0)["loss"], soft)
-    torch.testing.assert_close(LOSS_GROUPS["hard_soft"][0](STUDENT, TEACHER, LABELS, T, 0.0)["loss"], hard)
+    torch.testing.assert_close(LOSS_GROUPS["hard_soft"][0](STUDENT, targets, LABELS, T, 1.0)["loss"], soft)
+    torch.testing.assert_close(LOSS_GROUPS["hard_soft"][0](STUDENT, targets, LABELS, T, 0.0)["loss"], hard)
+    # The gradient of the weighted sum, too (the group computes it with lerp).
+    student = STUDENT.clone().requires_grad_()
+    LOSS_GROUPS["hard_soft"][0](student, targets, LABELS, T, alpha)["loss"].backward()
+    reference = STUDENT.clone().requires_grad_()
+    (alpha * kd_loss(reference, TEACHER, T) + (1 - alpha) * F.cross_entropy(reference, LABELS)).backward()
+    torch.testing.assert_close(student.grad, reference.grad)
 
 
 def test_hard_group_needs_no_teacher() -> None:

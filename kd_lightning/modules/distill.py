@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from kd_lightning.losses import get_loss_group, kd_loss
+from kd_lightning.losses import get_loss_group, kd_loss, soft_targets
 from kd_lightning.modules.classifier import ClassifierModule
 
 TEACHER_PREFIX = "teacher."
@@ -67,25 +67,37 @@ class DistillModule(ClassifierModule):
         return self
 
     def use_cached_teacher_logits(self, logits: dict[str, Tensor]) -> None:
-        """Look the teacher's logits up by dataset index, for the splits in `logits`, instead of running it.
+        """Look the teacher's outputs up by dataset index, for the splits in `logits`, instead of running it.
 
-        Non-persistent buffers: they move to the module's device and are never written to checkpoints.
+        Training needs the teacher's `soft_targets` at this run's T only: they are computed once here. Val/test
+        keep the logits (agreement, teacher accuracy). Non-persistent buffers: they move to the module's
+        device and are never written to checkpoints.
         """
         for split, split_logits in logits.items():
-            self.register_buffer(f"cached_teacher_logits_{split}", split_logits, persistent=False)
+            if split == "train":
+                self.register_buffer("cached_soft_targets_train", soft_targets(split_logits, self.T), persistent=False)
+            else:
+                self.register_buffer(f"cached_teacher_logits_{split}", split_logits, persistent=False)
         self.cached_splits = set(logits)
 
-    @torch.no_grad()
     def teacher_logits(self, x: Tensor, idx: Tensor, split: str) -> Tensor:
         if split in self.cached_splits:
-            return getattr(self, f"cached_teacher_logits_{split}")[idx]
-        return self.teacher(x)
+            return getattr(self, f"cached_teacher_logits_{split}").index_select(0, idx)
+        with torch.no_grad():
+            return self.teacher(x)
+
+    def teacher_soft_targets(self, x: Tensor, idx: Tensor) -> Tensor:
+        """The teacher's log-probabilities at T for a training batch: a cache lookup, or the teacher run now."""
+        if "train" in self.cached_splits:
+            return self.cached_soft_targets_train.index_select(0, idx)  # faster than [idx] for a 1-D index
+        with torch.no_grad():
+            return soft_targets(self.teacher(x), self.T)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, idx = batch
         student_logits = self.net(x)
-        teacher_logits = self.teacher_logits(x, idx, "train") if self.needs_teacher else None
-        terms = self.loss_fn(student_logits, teacher_logits, y, self.T, self.alpha)
+        teacher_log_probs = self.teacher_soft_targets(x, idx) if self.needs_teacher else None
+        terms = self.loss_fn(student_logits, teacher_log_probs, y, self.T, self.alpha)
         self.log_train_terms(terms, len(y))
         return terms["loss"]
 
