@@ -1,4 +1,4 @@
-"""Training throughput: `python -m kd_lightning.bench [--samples N] [--device cpu|cuda] [--data-dir DIR]`.
+"""Training throughput: `python -m kd_lightning.bench [--student mlp_784_16_10] [--device cpu|cuda] [--data-dir DIR]`.
 
 In one process, on the same training examples, times a fixed number of training samples (after a warm-up) for
   (a) the student with the hard loss,
@@ -30,7 +30,7 @@ from torchvision import datasets, transforms
 
 from kd_lightning.config import compose_train_config
 from kd_lightning.losses import kd_loss
-from kd_lightning.models import MLP, MnistCNN
+from kd_lightning.models import MnistCNN
 from kd_lightning.train import build
 
 BATCH = 64
@@ -65,7 +65,8 @@ def stack_throughput(experiment: str, steps: int, warmup: int, overrides: list[s
     return meter.samples_per_s
 
 
-def reference_loop(root: Path, steps: int, warmup: int, device: str, teacher_training: bool) -> float:
+def reference_loop(root: Path, steps: int, warmup: int, device: str, teacher_training: bool,
+                   student: torch.nn.Module | None = None) -> float:
     """The public walk-throughs' loop: per-item PIL -> tensor transforms, DataLoader, teacher every step."""
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     train_set = datasets.MNIST(root, train=True, download=False, transform=transform)
@@ -74,7 +75,7 @@ def reference_loop(root: Path, steps: int, warmup: int, device: str, teacher_tra
     if teacher_training:
         model, optimizer = teacher.train(), torch.optim.Adadelta(teacher.parameters(), lr=1.0)
     else:
-        model = MLP([16]).to(device)
+        model = student.to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         teacher.eval()
     done, start = 0, 0.0
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--teacher-samples", type=int, default=3_200, help="samples timed for teacher training")
     parser.add_argument("--warmup", type=int, default=10, help="batches run before timing starts")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best of each is shown")
+    parser.add_argument("--student", default="mlp_784_16_10", help="student model config (conf/model/) of (a)-(d)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--data-dir", default=None, help="where MNIST is looked for (default: the project's data/)")
     args = parser.parse_args()
@@ -137,6 +139,7 @@ def main() -> None:
             data_overrides.append(f"paths.data_dir={args.data_dir}")
         accelerator = "gpu" if args.device == "cuda" else "cpu"
         common = [*data_overrides, f"teacher.ckpt_path={teacher_ckpt}", f"trainer.accelerator={accelerator}"]
+        students = [*common, f"model={args.student}"]
         if args.device == "cuda":
             common.append("+trainer.precision=bf16-mixed")
 
@@ -149,10 +152,11 @@ def main() -> None:
         write_training_split_as_idx(idx_root, *dm.splits["train"])
 
         configurations = {
-            "a": lambda: stack_throughput("hard", steps, args.warmup, common),
-            "b": lambda: stack_throughput("hard_soft", steps, args.warmup, [*common, "distill.cache_teacher_logits=false"]),
-            "c": lambda: stack_throughput("hard_soft", steps, args.warmup, common),
-            "d": lambda: reference_loop(idx_root, steps, args.warmup, args.device, teacher_training=False),
+            "a": lambda: stack_throughput("hard", steps, args.warmup, students),
+            "b": lambda: stack_throughput("hard_soft", steps, args.warmup, [*students, "distill.cache_teacher_logits=false"]),
+            "c": lambda: stack_throughput("hard_soft", steps, args.warmup, students),
+            "d": lambda: reference_loop(idx_root, steps, args.warmup, args.device, teacher_training=False,
+                                       student=instantiate(compose_train_config([f"model={args.student}"]).model)),
             "teacher": lambda: stack_throughput("teacher", teacher_steps, args.warmup, common),
             "teacher_ref": lambda: reference_loop(idx_root, teacher_steps, args.warmup, args.device, True),
         }
@@ -163,7 +167,8 @@ def main() -> None:
                 runs[key].append(measure())
         results = {key: max(values) for key, values in runs.items()}
 
-    print(f"\nTraining throughput on {args.device} ({torch.get_num_threads()} threads), data: {dm.source}, batch {BATCH}")
+    print(f"\nTraining throughput on {args.device} ({torch.get_num_threads()} threads), data: {dm.source}, batch {BATCH}, "
+          f"student {args.student}")
     print(f"best of {args.repeats} interleaved repeats (all: samples/s per repeat)")
     print("| configuration | samples/s | all |\n|---|---:|---|")
     names = {
