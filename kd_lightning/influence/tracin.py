@@ -39,7 +39,7 @@ from kd_lightning.influence.gradients import (
     select_parameters,
     squared_norms,
 )
-from kd_lightning.losses import get_loss_group
+from kd_lightning.losses import get_loss_group, soft_targets
 
 PERIODIC_PREFIX = "epoch"  # conf/callbacks/default.yaml: periodic_checkpoint writes epochNNN.ckpt (0-based epoch)
 
@@ -114,7 +114,8 @@ def trained_loss(run_cfg: Any) -> tuple[ExampleLoss, bool]:
         T, alpha = float(run_cfg.distill.T), float(run_cfg.distill.alpha)
 
         def distill_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None = None) -> Tensor:
-            return group_fn(logits, teacher_logits, labels, T, alpha)["loss"]
+            targets = soft_targets(teacher_logits, T) if teacher_logits is not None else None
+            return group_fn(logits, targets, labels, T, alpha)["loss"]
 
         return distill_loss, needs_teacher
     smoothing = float(run_cfg.module.get("label_smoothing", 0.0) or 0.0)
