@@ -32,7 +32,9 @@ def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     rows = [("student" if result["teacher_params"] else "model", cfg.model._target_.rsplit(".", 1)[-1])]
     if "group" in cfg.module:
-        rows.append(("loss group (T, alpha)", f"{cfg.module.group} ({cfg.module.T}, {cfg.module.alpha})"))
+        group = cfg.module.group  # only the settings the group uses: T for soft terms, alpha to weigh them
+        settings = {"hard": "", "soft": f" (T={cfg.module.T})"}.get(group, f" (T={cfg.module.T}, alpha={cfg.module.alpha})")
+        rows.append(("loss group", f"{group}{settings}"))
     rows.append(("parameters", f"{result['params']:,}"))
     if result["teacher_params"]:
         rows.append(("teacher parameters", f"{result['teacher_params']:,}"))
