@@ -36,7 +36,7 @@ from kd_lightning.influence.tracin import (
     tracin_checkpoints,
     trained_loss,
 )
-from kd_lightning.teacher import DATA_KEYS_NOT_HASHED
+from kd_lightning.teacher import DATA_KEYS_NOT_HASHED, compute_teacher_logits
 
 log = logging.getLogger(__name__)
 
@@ -112,28 +112,21 @@ def check_same_data(teacher_cfg: DictConfig, student_cfg: DictConfig, teacher_ru
 
 
 # ---- the examples ------------------------------------------------------------------------------------------
-def loader_batches(datamodule: Any, split: str, n: int, soft_targets: Tensor | None = None) -> Batches:
-    """The first n examples of `split` in dataset order, unaugmented; targets (labels,) or (labels, teacher logits)."""
+def loader_batches(datamodule: Any, split: str, n: int, teacher_logits: Tensor | None = None) -> Batches:
+    """The first n examples of `split` in dataset order, unaugmented; targets (labels,) or (labels, teacher logits)
+    with `teacher_logits` the whole split's, row i for dataset index i."""
 
     def batches(chunk_size: int) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
         seen = 0
         for x, y, idx in datamodule.eval_loader(split, batch_size=chunk_size):
             take = min(len(x), n - seen)
-            targets = (y[:take],) if soft_targets is None else (y[:take], soft_targets[idx[:take]])
+            targets = (y[:take],) if teacher_logits is None else (y[:take], teacher_logits[idx[:take]])
             yield x[:take], targets
             seen += take
             if seen >= n:
                 return
 
     return batches
-
-
-@torch.no_grad()
-def teacher_logits(ckpt: Path, datamodule: Any, split: str, n: int) -> Tensor:
-    """The (final) teacher's logits for the first n examples of `split`: the soft targets of loss=trained."""
-    net = load_net(ckpt).eval()
-    logits = [net(x) for x, _ in loader_batches(datamodule, split, n)(1000)]
-    return torch.cat(logits)
 
 
 def choose_params(cfg: DictConfig, first_ckpt: Path, n_test: int) -> Any:
@@ -175,17 +168,19 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
     for model, run_dir, run_cfg in (("teacher", teacher_run, teacher_cfg), ("student", student_run, student_cfg)):
         checkpoints = tracin_checkpoints(run_dir, epochs)
         loss, needs_teacher = (cross_entropy_loss, False) if cfg.loss == "ce" else trained_loss(run_cfg)
-        soft = {"train": None, "test": None}
+        teacher_logits: dict[str, Tensor | None] = {"train": None, "test": None}
         if needs_teacher:
             ckpt = teacher_ckpt_of(run_dir)
             if ckpt is None:
                 raise InputError(f"loss=trained: {run_dir} trained against a teacher but names no teacher_ckpt")
-            soft = {split: teacher_logits(ckpt, datamodule, split, n) for split, n in (("train", n_train), ("test", n_test))}
+            teacher_net = load_net(ckpt)  # the final teacher: the soft targets the student trained on
+            teacher_logits = {split: compute_teacher_logits(teacher_net, datamodule.eval_loader(split))
+                              for split in teacher_logits}
         modes[model] = choose_params(cfg, checkpoints[0].path, n_test)
         results[model] = tracin(
             checkpoints,
-            loader_batches(datamodule, "train", n_train, soft["train"]),
-            loader_batches(datamodule, "test", n_test, soft["test"]),
+            loader_batches(datamodule, "train", n_train, teacher_logits["train"]),
+            loader_batches(datamodule, "test", n_test, teacher_logits["test"]),
             n_train, n_test,
             params=modes[model], loss=loss, chunk_size=cfg.chunk_size, projection=projection,
             factor_linear=cfg.factor_linear, dtype=DTYPES[cfg.dtype], device=cfg.device, label=model,
