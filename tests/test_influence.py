@@ -14,6 +14,7 @@ from torch import nn
 from conftest import run_script
 from kd_lightning.config import CONF_DIR
 from kd_lightning.errors import ConfigError, InputError
+from kd_lightning.influence import compare
 from kd_lightning.influence.gradients import (
     GradientEmbedder,
     RandomProjection,
@@ -29,7 +30,7 @@ from kd_lightning.influence.tracin import (
     tensor_batches,
     tracin,
 )
-from kd_lightning.losses import soft_group
+from kd_lightning.losses import soft_group, soft_targets
 from kd_lightning.models import CifarResNet
 
 LRS = (0.5, 0.125)  # η of the two fake checkpoints
@@ -55,7 +56,7 @@ def small_net(seed: int) -> nn.Module:
 
 
 def soft_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    return soft_group(logits, teacher_logits, labels, 2.0, 0.8)["loss"]
+    return soft_group(logits, soft_targets(teacher_logits, 2.0), labels, 2.0, 0.8)["loss"]
 
 
 @pytest.fixture
@@ -134,6 +135,23 @@ def test_projection_error_shrinks_with_dim(examples) -> None:
         errors.append(((projected - exact).norm() / exact.norm()).item())
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[2] < 0.15, errors
+
+
+def test_spearman_of_ranks() -> None:
+    scores = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    assert compare.spearman(scores, scores.exp()) == pytest.approx(1.0)  # a monotone map keeps every rank
+    assert compare.spearman(scores, -scores) == pytest.approx(-1.0)
+    per_row = compare.spearman_per_row(scores.T, torch.stack([scores[:, 0], -scores[:, 1], scores[:, 2] ** 3]))
+    torch.testing.assert_close(per_row, torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_top_k_overlap_counts_shared_columns() -> None:
+    a = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    b = torch.tensor([[5.0, 1.0, 4.0, 2.0, 3.0]])  # top-2 {0, 2} against a's {0, 1}; bottom-2 {1, 3} vs {3, 4}
+    assert compare.top_k_overlap(a, a, 2).tolist() == [2]
+    assert compare.top_k_overlap(a, b, 2).tolist() == [1]
+    assert compare.top_k_overlap(a, b, 2, largest=False).tolist() == [1]
+    assert compare.top_k_overlap(a, b, 5).tolist() == [5]
 
 
 def test_learning_rate_read_from_checkpoint_is_the_schedulers(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+from torchmetrics.functional import spearman_corrcoef  # noqa: E402
 
 # direction name -> (how the [N_train, N_test] score matrix is oriented for it, largest scores first?)
 # proponents / opponents: for each test example, the train examples with the highest / lowest scores;
@@ -43,23 +44,14 @@ def overlap_rows(teacher: Tensor, student: Tensor, ks: Sequence[int]) -> list[di
     return rows
 
 
-def _ranks(x: Tensor, dim: int = -1) -> Tensor:
-    return x.argsort(dim).argsort(dim).double()
-
-
-def _pearson(a: Tensor, b: Tensor, dim: int = -1) -> Tensor:
-    a, b = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
-    return (a * b).sum(dim) / (a.square().sum(dim) * b.square().sum(dim)).sqrt()
-
-
 def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman rank correlation of two score vectors (flattened)."""
-    return _pearson(_ranks(a.flatten()), _ranks(b.flatten())).item()
+    """Spearman rank correlation of two score vectors (flattened; ties get their mean rank)."""
+    return spearman_corrcoef(a.flatten().float(), b.flatten().float()).item()
 
 
 def spearman_per_row(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation of each row of a with the same row of b."""
-    return _pearson(_ranks(a, 1), _ranks(b, 1), 1)
+    return spearman_corrcoef(a.T.float(), b.T.float())  # torchmetrics correlates columns
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
