@@ -139,9 +139,9 @@ def main() -> None:
             data_overrides.append(f"paths.data_dir={args.data_dir}")
         accelerator = "gpu" if args.device == "cuda" else "cpu"
         common = [*data_overrides, f"teacher.ckpt_path={teacher_ckpt}", f"trainer.accelerator={accelerator}"]
-        students = [*common, f"model={args.student}"]
         if args.device == "cuda":
             common.append("+trainer.precision=bf16-mixed")
+        students = [*common, f"model={args.student}"]
 
         # The same training examples for the hand-written loop, read through torchvision's MNIST dataset.
         cfg = compose_train_config(["experiment=hard", *data_overrides])
