@@ -61,7 +61,7 @@ def hard_soft_group(
     return {"loss": torch.lerp(hard, soft, alpha), "hard_loss": hard, "soft_loss": soft}
 
 
-# name -> (loss function, needs the teacher's logits during training)
+# name -> (loss function, needs the teacher's soft targets during training)
 LOSS_GROUPS: dict[str, tuple[LossGroup, bool]] = {
     "hard": (hard_group, False),
     "soft": (soft_group, True),

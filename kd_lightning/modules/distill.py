@@ -90,8 +90,7 @@ class DistillModule(ClassifierModule):
         """The teacher's log-probabilities at T for a training batch: a cache lookup, or the teacher run now."""
         if "train" in self.cached_splits:
             return self.cached_soft_targets_train.index_select(0, idx)  # faster than [idx] for a 1-D index
-        with torch.no_grad():
-            return soft_targets(self.teacher(x), self.T)
+        return soft_targets(self.teacher_logits(x, idx, "train"), self.T)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, idx = batch
