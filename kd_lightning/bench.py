@@ -28,10 +28,10 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from kd_lightning.config import compose_train_config
+from kd_lightning.config import compose_train_config, is_distillation
 from kd_lightning.losses import kd_loss
 from kd_lightning.models import MnistCNN
-from kd_lightning.train import build
+from kd_lightning.train import build, ensure_teacher, prepare_data
 
 BATCH = 64
 
@@ -58,7 +58,8 @@ def stack_throughput(experiment: str, steps: int, warmup: int, overrides: list[s
         "+trainer.enable_checkpointing=false", "+trainer.enable_model_summary=false",
         "trainer.enable_progress_bar=false", f"data.batch_size={BATCH}",
     ])
-    run = build(cfg)
+    datamodule = prepare_data(cfg)
+    run = build(cfg, datamodule, ensure_teacher(cfg, datamodule) if is_distillation(cfg) else None)
     meter = ThroughputMeter(warmup)
     run.trainer.callbacks.append(meter)
     run.trainer.fit(run.module, datamodule=run.datamodule)

@@ -1,16 +1,21 @@
-"""Process-wide set-up: the ${kd_root:} resolver, composing the train config from code, quieter logs."""
+"""Process-wide set-up: the ${kd_root:} resolver, composing the train config from code, what a config says
+(`is_distillation`), quieter logs."""
 
 import ctypes
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning_fabric  # noqa: F401 - sets PYTORCH_NVML_BASED_CUDA_CHECK, adjusted below
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from kd_lightning.modules import DistillModule
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"
@@ -54,11 +59,26 @@ if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and not _nvidia_driver
 
 
 def compose_train_config(overrides: list[str]) -> DictConfig:
-    """Compose conf/train.yaml with overrides, inside a running Hydra app or outside one."""
+    """Compose conf/train.yaml with overrides, inside a running Hydra app or outside one.
+
+    `trainer_choice` is set to the trainer config Hydra selected, as a plain value: inside a Hydra app
+    train.yaml's `${hydra:runtime.choices.trainer}` gives it, here Hydra's record of this composition does.
+    """
     if GlobalHydra.instance().is_initialized():
-        return compose(config_name="train", overrides=overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    else:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.trainer_choice = cfg.hydra.runtime.choices.trainer
+        del cfg["hydra"]
+    return cfg
+
+
+def is_distillation(cfg: Mapping[str, Any]) -> bool:
+    """Whether a run's config distills a teacher into a student: its module is a DistillModule (or subclass).
+    Takes a DictConfig or the plain mapping of a saved `.hydra/config.yaml`."""
+    return issubclass(get_class(cfg["module"]["_target_"]), DistillModule)
 
 
 class _DropLightningTips(logging.Filter):

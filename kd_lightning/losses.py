@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd_lightning.errors import ConfigError
+
 
 def soft_targets(teacher_logits: Tensor, T: float) -> Tensor:
     """The teacher's log-probabilities at temperature T, log softmax(teacher/T): the KD term's targets.
@@ -71,5 +73,5 @@ LOSS_GROUPS: dict[str, tuple[LossGroup, bool]] = {
 
 def get_loss_group(name: str) -> tuple[LossGroup, bool]:
     if name not in LOSS_GROUPS:
-        raise ValueError(f"distill.group={name!r} is not a loss group; expected one of {sorted(LOSS_GROUPS)}")
+        raise ConfigError(f"distill.group={name!r} is not a loss group; expected one of {sorted(LOSS_GROUPS)}")
     return LOSS_GROUPS[name]

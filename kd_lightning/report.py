@@ -25,6 +25,8 @@ from matplotlib.figure import Figure  # figures without pyplot: no backend or gl
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig
 
+from kd_lightning.config import is_distillation
+
 log = logging.getLogger(__name__)
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its event reader logs every file it opens
 
@@ -44,7 +46,7 @@ def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
     for job in job_dirs(Path(sweep_dir)):
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         distill = config.get("distill", {})
-        group = distill.get("group") if config["module"]["_target_"].endswith("DistillModule") else "teacher"
+        group = distill.get("group") if is_distillation(config) else "teacher"
         row: dict[str, Any] = {
             "job": int(job.name),
             "group": group,

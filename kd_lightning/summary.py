@@ -6,6 +6,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from kd_lightning.config import is_distillation
+
 
 def hparams_of(cfg: DictConfig, data_source: str | None) -> dict[str, Any]:
     """The settings that tell runs apart, flattened for TensorBoard's HParams tab."""
@@ -21,7 +23,7 @@ def hparams_of(cfg: DictConfig, data_source: str | None) -> dict[str, Any]:
         "data": c["data"]["_target_"].rsplit(".", 1)[-1],
         "data_source": data_source,
     }
-    if "group" in c["module"]:
+    if is_distillation(c):
         params.update(group=c["module"]["group"], T=c["module"]["T"], alpha=c["module"]["alpha"])
     return params
 
@@ -31,7 +33,7 @@ def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     rows = [("student" if result["teacher_params"] else "model", cfg.model._target_.rsplit(".", 1)[-1])]
-    if "group" in cfg.module:
+    if is_distillation(cfg):
         group = cfg.module.group  # only the settings the group uses: T for soft terms, alpha to weigh them
         settings = {"hard": "", "soft": f" (T={cfg.module.T})"}.get(group, f" (T={cfg.module.T}, alpha={cfg.module.alpha})")
         rows.append(("loss group", f"{group}{settings}"))

@@ -1,101 +1,210 @@
-"""The teacher of a distillation run: a given checkpoint, or one trained once and cached by config hash; and
-the cache of its logits over a dataset.
+"""The teacher of a distillation run: its config, its identity (the cache key), the cache of trained teachers
+with its lock and checks, and the cache of its logits over a dataset. Training a teacher is not done here:
+kd_lightning/train.py runs the same recipe on the config composed here (docs/pipeline.md).
 
-The cache lives in `paths.cache_dir/<key>/`: `teacher.ckpt` (written atomically: copied to a temporary file,
-then renamed) and `run/`, the teacher's own run dir (`.hydra/config.yaml`, `metrics.json`, TensorBoard logs,
-checkpoints every 2 epochs). `key`
-hashes everything that determines the teacher's weights: model, data (and the data source actually found),
-module (optimizer, scheduler), seed and training length. Runs that start together wait on a file lock, so
-the teacher is trained by the first and reused by the others.
+Teacher config: `teacher.experiment` plus `teacher.overrides`, composed with the run's trainer choice
+(`trainer_choice`, e.g. gpu: the teacher trains on the GPU in bf16 too) and the run's paths; from the run's
+data only the dataset's identity (`DATA_IDENTITY_KEYS`): its batch size and other loader settings are the
+teacher recipe's.
+
+Cache of trained teachers, `paths.cache_dir/<key>/`:
+- `teacher.ckpt`: the teacher's best-by-validation checkpoint (written atomically);
+- `teacher.json`: the key, the identity that was hashed into it, and the sha256 of `teacher.ckpt`; written last,
+  so an entry without it is unfinished. Every reuse compares the stored identity with the run's and the
+  checkpoint's sha256 with the file: a mismatch is never used, the entry is rebuilt (with one log line);
+- `run/`: the teacher's own run dir (`.hydra/config.yaml`, `metrics.json`, TensorBoard logs, checkpoints).
+  An interrupted teacher run of the same identity is continued from its last checkpoint.
+`key` hashes the whole resolved teacher config and the data source actually found, except `NOT_IN_KEY`: keys
+that cannot change the teacher's weights. Runs that start together wait on a file lock (and say so), so the
+teacher is trained by the first and reused by the others.
 
 Teacher logits: when a split's inputs are a fixed function of the example (no random augmentation), the
 teacher's logits for the whole split are computed once (eval mode, no grad, batched) and stored as one tensor
-indexed by dataset index in `paths.cache_dir/logits/<teacher file hash>-<data hash>.pt`; it is rebuilt when
-either the teacher checkpoint's content or the data identity changes.
+indexed by dataset index in `paths.cache_dir/logits/<teacher file hash>-<data hash>.pt`, with what identifies
+and checks them (teacher checkpoint sha256, data identity, shape, dtype, sha256 of the values). A load checks
+all of these and that the teacher reproduces the first validation batch; any mismatch or damage is logged in
+one line and the cache rebuilt.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
-from hydra.core.hydra_config import HydraConfig
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from kd_lightning.checkpoints import atomic_copy, atomic_torch_save, load_net
-from kd_lightning.config import compose_train_config
-from kd_lightning.validation import check_num_classes
+from kd_lightning.checkpoints import atomic_copy, atomic_torch_save, atomic_write
+from kd_lightning.config import compose_train_config, is_distillation
 
 log = logging.getLogger(__name__)
 
-# Data keys that change where or how fast data is read, never which examples a model sees.
-DATA_KEYS_NOT_HASHED = {"data_dir", "download", "offline_fallback", "num_workers", "pin_memory", "persistent_workers"}
-TRAINER_KEYS_HASHED = {"max_epochs", "max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val"}
+# What the teacher shares with the run it teaches: which examples, split how, read from where.
+DATA_IDENTITY_KEYS = ("_target_", "data_dir", "num_classes", "train_val_split", "split_seed", "download",
+                      "offline_fallback")
+
+# Keys of the resolved teacher config left out of its cache key, because they cannot change its weights.
+NOT_IN_KEY = (
+    "paths",                                       # where data, logs and caches live
+    "task_name", "optimized_metric", "ckpt_path", "resume",
+    "trainer_choice",                              # the trainer config it selected is in the key
+    "data.data_dir", "data.download", "data.offline_fallback",  # where data is read from: the source found is in the key
+    "data.num_workers", "data.pin_memory", "data.persistent_workers",  # how fast it is read
+    "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "callbacks.progress_bar", "callbacks.lr_monitor", "callbacks.timer",  # what is shown or logged
+    "callbacks.last_checkpoint", "callbacks.periodic_checkpoint", "callbacks.interrupt_checkpoint",  # extra files
+    "callbacks.model_checkpoint.dirpath",
+    "logger",
+)
+# Besides: `distill` and `teacher` when the teacher itself is no distillation run (it reads neither).
+DATA_KEYS_NOT_HASHED = {k.split(".", 1)[1] for k in NOT_IN_KEY if k.startswith("data.")}
 
 
+# ---- the teacher's config and identity ----------------------------------------------------------------------
 def compose_teacher_config(cfg: DictConfig) -> DictConfig:
-    """The full training config of the teacher named by `cfg.teacher`, on the run's data and paths, with the
-    run's trainer config (`trainer=gpu`: the teacher trains on the GPU in bf16 too)."""
-    trainer_choice = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
+    """The full training config of the teacher named by `cfg.teacher`: its recipe with the run's trainer choice,
+    on the run's dataset and paths. The same inside and outside a Hydra app: everything comes from `cfg`."""
     tcfg = compose_train_config([
-        *([f"trainer={trainer_choice}"] if trainer_choice else []),
+        f"trainer={cfg.trainer_choice}",
         f"experiment={cfg.teacher.experiment}",
         *cfg.teacher.overrides,
     ])
-    tcfg.data = cfg.data
+    recipe_data = OmegaConf.to_container(tcfg.data, resolve=False)
+    loader_settings = {k: v for k, v in recipe_data.items() if k not in DATA_IDENTITY_KEYS and k in cfg.data}
+    tcfg.data = OmegaConf.merge(cfg.data, loader_settings)  # `${seed}` and the like resolve in the teacher's config
     tcfg.paths = cfg.paths
-    if not trainer_choice:  # composed outside a Hydra app (tests, notebooks): at least the same device type
-        tcfg.trainer.accelerator = cfg.trainer.accelerator
     return tcfg
 
 
-def teacher_key(tcfg: DictConfig, data_source: str) -> str:
-    """A short hash of what determines the teacher's weights."""
-    container = OmegaConf.to_container(tcfg, resolve=True)
-    identity: dict[str, Any] = {
-        "model": container["model"],
-        "module": container["module"],
-        "data": {k: v for k, v in container["data"].items() if k not in DATA_KEYS_NOT_HASHED},
-        "data_source": data_source,
-        "seed": container["seed"],
-        "trainer": {k: v for k, v in container["trainer"].items() if k in TRAINER_KEYS_HASHED},
-        "early_stopping": (container.get("callbacks") or {}).get("early_stopping"),
-    }
+def dataset_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved `DATA_IDENTITY_KEYS` of a config's data: equal for a student and the teacher it was given."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return {k: data[k] for k in DATA_IDENTITY_KEYS if k in data and k not in DATA_KEYS_NOT_HASHED}
+
+
+def teacher_identity(tcfg: DictConfig, data_source: str | None) -> dict[str, Any]:
+    """The resolved teacher config without `NOT_IN_KEY`, plus the data source actually found."""
+    probe = tcfg.copy()
+    probe.paths.output_dir = ""  # a run dir is chosen after the key; excluded anyway
+    identity = OmegaConf.to_container(probe, resolve=True)
+    for dotted in NOT_IN_KEY:
+        *parents, leaf = dotted.split(".")
+        node = identity
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    if not is_distillation(identity):  # a plain classifier teacher reads neither
+        identity.pop("distill", None)
+        identity.pop("teacher", None)
+    identity["data_source"] = data_source
+    return identity
+
+
+def teacher_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def provide_teacher(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, Path]:
-    """The teacher net of this run and its checkpoint: `teacher.ckpt_path`, or the cached teacher, trained now
-    if it is not cached. The checkpoint must fit the model of the teacher config."""
-    tcfg = compose_teacher_config(cfg)
-    check_num_classes(f"teacher model (experiment={cfg.teacher.experiment})", tcfg.model, datamodule)
-    if cfg.teacher.ckpt_path:
-        ckpt = Path(cfg.teacher.ckpt_path)
-        return load_net(ckpt, tcfg.model), ckpt
-    key = teacher_key(tcfg, datamodule.source)
-    cache = Path(cfg.paths.cache_dir) / key
-    ckpt = cache / "teacher.ckpt"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache) + ".lock"):
-        if ckpt.is_file():
-            log.info("Using the cached teacher %s", ckpt)
-        else:
-            from kd_lightning.train import train  # the same recipe trains teachers and students
+def first_difference(stored: Any, current: Any, prefix: str = "") -> str:
+    """The first dotted key at which two identities differ, for a one-line message."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        for k in sorted(set(stored) | set(current), key=str):
+            if stored.get(k, "<missing>") != current.get(k, "<missing>"):
+                return first_difference(stored.get(k, "<missing>"), current.get(k, "<missing>"), f"{prefix}{k}.")
+    return f"{prefix.rstrip('.')}: stored {stored!r}, now {current!r}"
 
-            run_dir = cache / "run"
-            shutil.rmtree(run_dir, ignore_errors=True)  # a run that died before finishing
-            (run_dir / ".hydra").mkdir(parents=True)
-            tcfg.paths.output_dir = str(run_dir)
-            log.info("Training the teacher (experiment=%s) into %s", cfg.teacher.experiment, run_dir)
-            OmegaConf.save(tcfg, run_dir / ".hydra" / "config.yaml")  # the layout of a Hydra run dir
-            result = train(tcfg)
-            atomic_copy(result["best_ckpt"], ckpt)
-    return load_net(ckpt, tcfg.model), ckpt
+
+# ---- the cache of trained teachers --------------------------------------------------------------------------
+class TeacherCache:
+    """One entry of the teacher cache, `cache_dir/<key>/`, for the teacher config `tcfg` on `data_source`."""
+
+    def __init__(self, cache_dir: str | Path, tcfg: DictConfig, data_source: str | None) -> None:
+        self.identity = teacher_identity(tcfg, data_source)
+        self.key = teacher_key(self.identity)
+        self.dir = Path(cache_dir) / self.key
+        self.ckpt, self.record, self.run_dir = self.dir / "teacher.ckpt", self.dir / "teacher.json", self.dir / "run"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Held while the entry is checked, trained or read; says what it waits for when another run holds it."""
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.dir) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("Waiting for another run to finish the teacher %s (lock %s.lock held)", self.dir, self.dir)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def verified(self) -> bool:
+        """True when the entry is complete and is this teacher: stored identity and checkpoint checksum match.
+        Anything else is logged in one line and the entry's files are removed, to be rebuilt."""
+        if not self.ckpt.exists() and not self.record.exists():
+            return False
+        problem = self._problem()
+        if problem is None:
+            return True
+        log.warning("Cached teacher %s %s: training it again", self.dir, problem)
+        self.record.unlink(missing_ok=True)
+        self.ckpt.unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        return False
+
+    def _problem(self) -> str | None:
+        if not self.record.is_file():
+            return "is unfinished (no teacher.json)"
+        try:
+            stored = json.loads(self.record.read_text())
+            stored_identity, stored_sha = stored["identity"], stored["teacher_ckpt_sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return f"has an unreadable teacher.json ({type(err).__name__})"
+        if stored_identity != self.identity:
+            return f"was trained with another config ({first_difference(stored_identity, self.identity)})"
+        if not self.ckpt.is_file():
+            return "has no teacher.ckpt"
+        if file_sha256(self.ckpt) != stored_sha:
+            return "has a damaged teacher.ckpt (its sha256 differs from teacher.json)"
+        return None
+
+    def continues_a_run(self) -> bool:
+        """Whether `run/` holds an interrupted run of this same teacher, to continue from its last checkpoint."""
+        saved = self.run_dir / ".hydra" / "config.yaml"
+        checkpoints = self.run_dir / "checkpoints"
+        if not saved.is_file() or not any((checkpoints / n).is_file() for n in ("last.ckpt", "interrupted.ckpt")):
+            return False
+        try:
+            return teacher_identity(OmegaConf.load(saved), self.identity["data_source"]) == self.identity
+        except Exception:  # noqa: BLE001 - an unreadable record is no run to continue
+            return False
+
+    def prepare_run(self, tcfg: DictConfig) -> DictConfig:
+        """The config that trains (or continues training) this teacher in `run/`."""
+        tcfg = tcfg.copy()
+        tcfg.paths.output_dir = str(self.run_dir)
+        if self.continues_a_run():
+            log.info("Continuing the interrupted teacher run %s from its last checkpoint", self.run_dir)
+            tcfg.ckpt_path = "last"
+            return tcfg
+        shutil.rmtree(self.run_dir, ignore_errors=True)  # a run that died before finishing, or of another config
+        (self.run_dir / ".hydra").mkdir(parents=True)
+        OmegaConf.save(tcfg, self.run_dir / ".hydra" / "config.yaml")  # the layout of a Hydra run dir
+        return tcfg
+
+    def store(self, best_ckpt: str | Path) -> None:
+        """Copy the trained teacher in, then write teacher.json: the entry is complete once that exists."""
+        atomic_copy(best_ckpt, self.ckpt)
+        record = {"key": self.key, "teacher_ckpt_sha256": file_sha256(self.ckpt), "identity": self.identity}
+        atomic_write(self.record, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, sort_keys=True)))
 
 
 def file_sha256(path: Path) -> str:
@@ -106,6 +215,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# ---- the cache of teacher logits ----------------------------------------------------------------------------
 @torch.inference_mode()
 def compute_teacher_logits(teacher: nn.Module, loader: Any, device: str = "cpu") -> Tensor:
     """Logits for every example of `loader`, row i for dataset index i (whatever order the loader uses)."""
@@ -121,22 +231,71 @@ def compute_teacher_logits(teacher: nn.Module, loader: Any, device: str = "cpu")
     return logits
 
 
+def tensor_sha256(t: Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _logit_cache_problem(cached: Any, teacher_sha: str, data_identity: dict, splits: list[str],
+                         teacher: nn.Module, datamodule: Any, device: str) -> str | None:
+    """Why a loaded logit cache cannot be used for this teacher and data, or None."""
+    if not isinstance(cached, dict) or not {"teacher_sha256", "data_identity", "checks", "logits"} <= set(cached):
+        return "is not a logit cache of this version"
+    if cached["teacher_sha256"] != teacher_sha:
+        return "was computed by another teacher checkpoint"
+    if cached["data_identity"] != data_identity:
+        return "was computed on other data"
+    sizes = data_identity.get("sizes", {})
+    for split in splits:
+        logits, check = cached["logits"].get(split), cached["checks"].get(split)
+        if not isinstance(logits, Tensor) or not isinstance(check, dict):
+            return f"has no {split} split"
+        if split in sizes and logits.shape[0] != sizes[split] or list(logits.shape) != check.get("shape"):
+            return f"has {split} logits of shape {list(logits.shape)}, expected {sizes.get(split)} rows"
+        if str(logits.dtype) != check.get("dtype") or logits.dtype != torch.float32:
+            return f"has {split} logits of dtype {logits.dtype}"
+        if tensor_sha256(logits) != check.get("sha256"):
+            return f"has damaged {split} logits (checksum mismatch)"
+    # The values belong to this teacher: it reproduces the first validation batch.
+    split = "val" if "val" in splits else splits[0]
+    x, _, idx = next(iter(datamodule.eval_loader(split)))
+    with torch.inference_mode():
+        was_training = teacher.training
+        expected = teacher.eval().to(device)(x.to(device)).float().cpu()
+        teacher.train(was_training).cpu()
+    if not torch.allclose(cached["logits"][split][idx], expected, rtol=1e-3, atol=1e-4):
+        return f"does not match the teacher's logits on the first {split} batch"
+    return None
+
+
 def cached_teacher_logits(teacher_ckpt: Path, teacher: nn.Module, datamodule: Any, cache_dir: Path,
                           device: str = "cpu") -> dict[str, Tensor]:
-    """Teacher logits per split with fixed inputs, from the cache or computed (and cached) now."""
+    """Teacher logits per split with fixed inputs, from the verified cache or computed (and cached) now."""
     splits = ["val", "test"] if datamodule.random_augmentation else ["train", "val", "test"]
     if datamodule.random_augmentation:
         log.info("Training inputs are randomly augmented: the teacher runs online on training batches")
-    data_key = hashlib.sha256(json.dumps(datamodule.cache_identity(), sort_keys=True).encode()).hexdigest()
-    path = cache_dir / "logits" / f"{file_sha256(teacher_ckpt)[:16]}-{data_key[:16]}.pt"
+    data_identity = json.loads(json.dumps(datamodule.cache_identity()))  # as stored: lists, not tuples
+    data_key = hashlib.sha256(json.dumps(data_identity, sort_keys=True).encode()).hexdigest()
+    teacher_sha = file_sha256(teacher_ckpt)
+    path = cache_dir / "logits" / f"{teacher_sha[:16]}-{data_key[:16]}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if path.is_file():
-            cached: dict[str, Tensor] = torch.load(path, map_location="cpu", weights_only=True)
-            if set(splits) <= set(cached):
+            try:
+                cached = torch.load(path, map_location="cpu", weights_only=True)
+                problem = _logit_cache_problem(cached, teacher_sha, data_identity, splits, teacher, datamodule, device)
+            except Exception as err:  # noqa: BLE001 - truncated or not a torch file: rebuilt below
+                problem = f"is unreadable ({type(err).__name__})"
+            if problem is None:
                 log.info("Using cached teacher logits %s", path)
-                return {split: cached[split] for split in splits}
+                return {split: cached["logits"][split] for split in splits}
+            log.warning("Teacher-logit cache %s %s: computing it again", path, problem)
         log.info("Computing the teacher's logits for %s into %s", ", ".join(splits), path)
-        cached = {split: compute_teacher_logits(teacher, datamodule.eval_loader(split), device) for split in splits}
-        atomic_torch_save(cached, path)
-    return cached
+        logits = {split: compute_teacher_logits(teacher, datamodule.eval_loader(split), device) for split in splits}
+        atomic_torch_save({
+            "teacher_sha256": teacher_sha,
+            "data_identity": data_identity,
+            "checks": {s: {"shape": list(t.shape), "dtype": str(t.dtype), "sha256": tensor_sha256(t)}
+                       for s, t in logits.items()},
+            "logits": logits,
+        }, path)
+    return logits

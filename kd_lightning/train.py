@@ -1,6 +1,8 @@
 """The training recipe: `python train.py experiment=soft` (or `python -m kd_lightning.train ...`).
 
-One function trains any configured net: teachers (ClassifierModule) and students (DistillModule).
+One function, `train`, trains any configured net, teachers (ClassifierModule) and students (DistillModule)
+alike, top to bottom: validate -> data -> ensure the teacher (distillation runs: the cached one, or trained
+now by this same recipe) -> build (pure construction) -> fit -> test -> record. docs/pipeline.md maps it.
 """
 
 import json
@@ -15,26 +17,22 @@ import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import config  # also registers the ${kd_root:} and ${kd_if_null:} resolvers
-from kd_lightning.checkpoints import load_checkpoint
+from kd_lightning.checkpoints import load_checkpoint, load_net
+from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError, InputError, NonFiniteLossError
-from kd_lightning.modules import DistillModule
 from kd_lightning.summary import hparams_of, print_summary
 from kd_lightning.sweeps import Interrupted, run_sweep_job
-from kd_lightning.teacher import cached_teacher_logits, provide_teacher
+from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_teacher_config
 from kd_lightning.validation import check_num_classes, validate_config
 
 log = logging.getLogger(__name__)
-
-
-def is_distillation(cfg: DictConfig) -> bool:
-    return issubclass(get_class(cfg.module._target_), DistillModule)
 
 
 def count_params(net: Any) -> int:
@@ -51,19 +49,80 @@ class Run:
     teacher_ckpt: Path | None = None
 
 
-def build(cfg: DictConfig) -> Run:
-    """Instantiate data, teacher (trained and cached first if needed), model, module, callbacks and trainer."""
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit on train/val, test the best-by-validation checkpoint, record and return the run's metrics."""
+    started = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    with_teacher = is_distillation(cfg)
     validate_config(cfg)
+    datamodule = prepare_data(cfg)
+    teacher_ckpt = ensure_teacher(cfg, datamodule) if with_teacher else None
+    run = build(cfg, datamodule, teacher_ckpt)
+    module, trainer = run.module, run.trainer
+
+    if cfg.get("ckpt_path") == "last" and not list((output_dir / "checkpoints").glob("*.ckpt")):
+        log.warning("ckpt_path=last: no checkpoint in %s yet, so training starts from the beginning", output_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns Ctrl-C and SIGTERM into these
+        raise Interrupted(output_dir, sigterm=isinstance(exc, SIGTERMException)) from exc
+    best = next(c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
+    test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False)[0]
+
+    result: dict[str, Any] = {
+        **{k: float(v) for k, v in test_metrics.items()},
+        **fit_facts(best),
+        "data_source": datamodule.source,
+        "params": count_params(module.net),
+        "teacher_params": count_params(module.teacher) if with_teacher else None,
+        "best_ckpt": str(best.best_model_path),
+        "teacher_ckpt": str(teacher_ckpt) if teacher_ckpt else None,
+        "output_dir": str(output_dir),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    if trainer.is_global_zero:
+        record(cfg, result, trainer, datamodule.source)
+    return result
+
+
+def prepare_data(cfg: DictConfig) -> pl.LightningDataModule:
+    """The run's DataModule, its data found (the source found keys the teacher cache) before anything trains."""
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
-    # Find the data (and its source, which keys the teacher cache) before anything trains.
     datamodule.prepare_data()
     datamodule.setup("fit")
     check_num_classes("model", cfg.model, datamodule)
+    return datamodule
 
+
+def ensure_teacher(cfg: DictConfig, datamodule: Any) -> Path:
+    """The checkpoint of the run's teacher: `teacher.ckpt_path`, else the verified cached teacher, else one
+    trained now into the cache by `train` itself on the composed teacher config."""
+    tcfg = compose_teacher_config(cfg)
+    check_num_classes(f"teacher model (experiment={cfg.teacher.experiment})", tcfg.model, datamodule)
+    if cfg.teacher.ckpt_path:
+        return Path(cfg.teacher.ckpt_path)
+    cache = TeacherCache(cfg.paths.cache_dir, tcfg, datamodule.source)
+    with cache.lock():
+        if cache.verified():
+            log.info("Using the cached teacher %s", cache.ckpt)
+            return cache.ckpt
+        teacher_run = cache.prepare_run(tcfg)
+        log.info("Training the teacher (experiment=%s) into %s", cfg.teacher.experiment, cache.run_dir)
+        try:
+            result = train(teacher_run)
+        except Interrupted as err:
+            # Resuming this run continues the teacher from its interrupted checkpoint, then trains the student.
+            raise Interrupted(Path(cfg.paths.output_dir), sigterm=err.exit_code == 143) from err
+        cache.store(result["best_ckpt"])
+    return cache.ckpt
+
+
+def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpt: Path | None) -> Run:
+    """Instantiate model, module (with the teacher of `teacher_ckpt` and its cached logits), callbacks, loggers
+    and trainer. Pure construction: nothing is trained here."""
     module_kwargs: dict[str, Any] = {}
-    teacher_ckpt = None
-    if is_distillation(cfg):
-        module_kwargs["teacher"], teacher_ckpt = provide_teacher(cfg, datamodule)
+    if teacher_ckpt is not None:
+        module_kwargs["teacher"] = load_net(teacher_ckpt, compose_teacher_config(cfg).model)
 
     pl.seed_everything(cfg.seed, workers=True)  # after the teacher, so a cached one changes nothing
     net = instantiate(cfg.model)
@@ -79,46 +138,20 @@ def build(cfg: DictConfig) -> Run:
     return Run(datamodule, module, trainer, teacher_ckpt)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit on train/val, test the best-by-validation checkpoint, return the run's metrics."""
-    started = time.perf_counter()
-    output_dir = Path(cfg.paths.output_dir)
-    run = build(cfg)
-    datamodule, module, trainer, teacher_ckpt = run.datamodule, run.module, run.trainer, run.teacher_ckpt
-    net = module.net
-    if cfg.get("ckpt_path") == "last" and not list((output_dir / "checkpoints").glob("*.ckpt")):
-        log.warning("ckpt_path=last: no checkpoint in %s yet, so training starts from the beginning", output_dir)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns Ctrl-C and SIGTERM into these
-        raise Interrupted(output_dir, sigterm=isinstance(exc, SIGTERMException)) from exc
-    best = next(c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
-    test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False)[0]
-
-    result: dict[str, Any] = {
-        **{k: float(v) for k, v in test_metrics.items()},
-        **fit_facts(best),
-        "data_source": datamodule.source,
-        "params": count_params(net),
-        "teacher_params": count_params(module.teacher) if is_distillation(cfg) else None,
-        "best_ckpt": str(best.best_model_path),
-        "teacher_ckpt": str(teacher_ckpt) if teacher_ckpt else None,
-        "output_dir": str(output_dir),
-        "wall_seconds": time.perf_counter() - started,
+def record(cfg: DictConfig, result: dict[str, Any], trainer: pl.Trainer, data_source: str | None) -> None:
+    """metrics.json in the run dir, the HParams of TensorBoard, the console summary."""
+    hp_metrics = {
+        f"hp/{k.replace('/', '_')}": v
+        for k, v in result.items()
+        if k.startswith(("test/", "val/")) or k in ("best_val_loss", "best_epoch")
     }
-    if trainer.is_global_zero:
-        hp_metrics = {
-            f"hp/{k.replace('/', '_')}": v
-            for k, v in result.items()
-            if k.startswith(("test/", "val/")) or k in ("best_val_loss", "best_epoch")
-        }
-        for lg in trainer.loggers:
-            lg.log_hyperparams(hparams_of(cfg, datamodule.source), hp_metrics)
-            lg.finalize("success")  # test() already closed the writer; this flushes the new records
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-        print_summary(cfg, result)
-    return result
+    for lg in trainer.loggers:
+        lg.log_hyperparams(hparams_of(cfg, data_source), hp_metrics)
+        lg.finalize("success")  # test() already closed the writer; this flushes the new records
+    output_dir = Path(result["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    print_summary(cfg, result)
 
 
 def fit_facts(best: ModelCheckpoint) -> dict[str, Any]:

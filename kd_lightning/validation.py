@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import LOSS_GROUPS
 
@@ -28,11 +29,12 @@ def _is_positive_int(value: object) -> bool:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    distill = cfg.distill
-    _require(distill.group in LOSS_GROUPS, "distill.group", distill.group, f"one of {', '.join(LOSS_GROUPS)}")
-    _require(_is_number(distill.T) and distill.T > 0, "distill.T", distill.T, "a temperature > 0")
-    _require(_is_number(distill.alpha) and 0 <= distill.alpha <= 1, "distill.alpha", distill.alpha,
-             "a weight in [0, 1]")
+    if is_distillation(cfg):  # a teacher run does not read distill.*
+        distill = cfg.distill
+        _require(distill.group in LOSS_GROUPS, "distill.group", distill.group, f"one of {', '.join(LOSS_GROUPS)}")
+        _require(_is_number(distill.T) and distill.T > 0, "distill.T", distill.T, "a temperature > 0")
+        _require(_is_number(distill.alpha) and 0 <= distill.alpha <= 1, "distill.alpha", distill.alpha,
+                 "a weight in [0, 1]")
 
     data = cfg.data
     for key in ("batch_size", "eval_batch_size"):

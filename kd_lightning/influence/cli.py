@@ -36,7 +36,7 @@ from kd_lightning.influence.tracin import (
     tracin_checkpoints,
     trained_loss,
 )
-from kd_lightning.teacher import DATA_KEYS_NOT_HASHED, compute_teacher_logits
+from kd_lightning.teacher import compute_teacher_logits, dataset_identity
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +102,9 @@ def teacher_run_of(student_run: Path) -> Path:
 
 def check_same_data(teacher_cfg: DictConfig, student_cfg: DictConfig, teacher_run: Path, student_run: Path) -> None:
     """Score matrices are compared index by index: both runs must have trained on the same examples."""
-    def identity(cfg: DictConfig) -> dict:
-        data = OmegaConf.to_container(cfg.data, resolve=True)
-        return {k: v for k, v in data.items() if k not in DATA_KEYS_NOT_HASHED}
-
-    if identity(teacher_cfg) != identity(student_cfg):
+    if dataset_identity(teacher_cfg) != dataset_identity(student_cfg):
         raise InputError(f"teacher_run={teacher_run} and student_run={student_run} were trained on different data "
-                         f"configs ({identity(teacher_cfg)} vs {identity(student_cfg)})")
+                         f"configs ({dataset_identity(teacher_cfg)} vs {dataset_identity(student_cfg)})")
 
 
 # ---- the examples ------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from kd_lightning.checkpoints import load_checkpoint, load_net
+from kd_lightning.config import is_distillation
 from kd_lightning.errors import CheckpointError, InputError
 from kd_lightning.influence.gradients import (
     Embedding,
@@ -109,7 +110,7 @@ def trained_loss(run_cfg: Any) -> tuple[ExampleLoss, bool]:
 
     A distillation run: its `distill.group` with its T and alpha. A teacher (ClassifierModule): cross-entropy,
     with the run's label smoothing if it had any."""
-    if str(run_cfg.module._target_).endswith("DistillModule"):
+    if is_distillation(run_cfg):
         group_fn, needs_teacher = get_loss_group(run_cfg.distill.group)
         T, alpha = float(run_cfg.distill.T), float(run_cfg.distill.alpha)
 
