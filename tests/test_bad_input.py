@@ -17,7 +17,7 @@ from kd_lightning.data import MNISTDataModule
 from kd_lightning.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from kd_lightning.models import MLP, MnistCNN
 from kd_lightning.modules import ClassifierModule
-from kd_lightning.train import build
+from kd_lightning.train import train
 
 
 def compose(tmp_path: Path, *overrides: str):
@@ -43,7 +43,7 @@ def compose(tmp_path: Path, *overrides: str):
 )
 def test_config_values_out_of_range(tmp_path: Path, override: str, key: str, accepted: str) -> None:
     with pytest.raises(ConfigError) as err:
-        build(compose(tmp_path, "experiment=soft", override))
+        train(compose(tmp_path, "experiment=soft", override))
     message = str(err.value)
     assert "\n" not in message and message.startswith(key) and accepted in message
     assert not (tmp_path / "logs").exists()  # raised before any teacher was trained
@@ -65,9 +65,9 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path, offline_overrides: list
 
 def test_num_classes_disagreements(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^model has num_classes=7, but the data \(mnist-sample-5k\) has 10"):
-        build(compose(tmp_path, "experiment=soft", "model.num_classes=7"))
+        train(compose(tmp_path, "experiment=soft", "model.num_classes=7"))
     with pytest.raises(ConfigError, match=r"^teacher model \(experiment=teacher\) has num_classes=5"):
-        build(compose(tmp_path, "experiment=soft", "teacher.overrides=['model.num_classes=5']"))
+        train(compose(tmp_path, "experiment=soft", "teacher.overrides=['model.num_classes=5']"))
     assert not (tmp_path / "logs").exists()
 
 
@@ -78,7 +78,7 @@ def save_net_checkpoint(path: Path, net: torch.nn.Module) -> Path:
 
 def test_teacher_checkpoint_errors(tmp_path: Path) -> None:
     def teacher_at(path: Path) -> None:
-        build(compose(tmp_path, "experiment=soft", f"teacher.ckpt_path={path}"))
+        train(compose(tmp_path, "experiment=soft", f"teacher.ckpt_path={path}"))
 
     with pytest.raises(CheckpointError, match=r"^checkpoint not found: .*nowhere.ckpt$"):
         teacher_at(tmp_path / "nowhere.ckpt")
