@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from filelock import FileLock
+from omegaconf import DictConfig
 
 from conftest import run_script
 from kd_lightning.config import PACKAGE_DIR, compose_train_config, is_distillation
@@ -150,57 +151,63 @@ def test_build_is_pure_construction(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 # ---- the teacher cache, end to end in this process -------------------------------------------------------
-def tiny(tmp_path: Path, run: str, *teacher_overrides: str) -> dict:
-    """A 2-batch student run distilled from a 2-batch teacher, all under tmp_path."""
-    overrides = ",".join(f"'{o}'" for o in ("trainer.max_epochs=1", "+trainer.limit_train_batches=2",
-                                              "+trainer.limit_val_batches=2", *teacher_overrides))
-    cfg = compose_train_config([
+def tiny(tmp_path: Path, run: str, *teacher_overrides: str) -> DictConfig:
+    """A 2-batch student run distilled from a small 2-batch teacher, all under tmp_path."""
+    overrides = ",".join(f"'{o}'" for o in ("model=mlp_784_20_20_10", "trainer.max_epochs=1",
+                                              "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
+                                              "+trainer.limit_test_batches=2", *teacher_overrides))
+    return compose_train_config([
         "experiment=soft", f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path / 'data'}",
         f"paths.output_dir={tmp_path / run}", "data.download=false", "trainer.enable_progress_bar=false",
         "callbacks.progress_bar=null", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
         "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2", "distill.cache_teacher_logits=false",
-        f"teacher.overrides=[{overrides},'+trainer.limit_test_batches=2']",
+        f"teacher.overrides=[{overrides}]",
     ])
-    return train(cfg)
 
 
 def test_another_teacher_config_never_reuses_a_cached_teacher(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Issue 11 items 1 and 5: a teacher trained on 3 batches is not reused for one of 2 batches; the stored
     config is compared on reuse; a damaged cached teacher.ckpt is retrained."""
     caplog.set_level(logging.INFO)
-    first = tiny(tmp_path, "a", "++trainer.limit_train_batches=3")
+    first = train(tiny(tmp_path, "a", "++trainer.limit_train_batches=3"))
     entry = Path(first["teacher_ckpt"]).parent
     stored = json.loads((entry / "teacher.json").read_text())
     assert stored["identity"]["trainer"]["limit_train_batches"] == 3 and stored["key"] == entry.name
+    assert (entry / "run" / ".hydra" / "config.yaml").is_file() and (entry / "run" / "metrics.json").is_file()
 
     caplog.clear()
-    second = tiny(tmp_path, "b")
+    second = train(tiny(tmp_path, "b"))
     assert "Using the cached teacher" not in caplog.text and "Training the teacher" in caplog.text
-    assert Path(second["teacher_ckpt"]).parent != entry
+    entry = Path(second["teacher_ckpt"]).parent
+    assert entry != Path(first["teacher_ckpt"]).parent
 
     caplog.clear()
-    again = tiny(tmp_path, "c")  # same config: reused
+    again = train(tiny(tmp_path, "c"))  # the same config: reused
     assert "Using the cached teacher" in caplog.text and again["teacher_ckpt"] == second["teacher_ckpt"]
 
-    # A stored identity that differs (a hash collision, an edited file): not used, retrained in place.
-    record = Path(second["teacher_ckpt"]).parent / "teacher.json"
-    edited = json.loads(record.read_text())
-    edited["identity"]["trainer"]["max_epochs"] = 99
-    record.write_text(json.dumps(edited))
-    caplog.clear()
-    tiny(tmp_path, "d")
-    assert "was trained with another config (trainer.max_epochs: stored 99, now 1)" in caplog.text
-    assert "Using the cached teacher" not in caplog.text
-    assert json.loads(record.read_text())["identity"]["trainer"]["max_epochs"] == 1
+    cfg = tiny(tmp_path, "c")
+    cache = TeacherCache(cfg.paths.cache_dir, compose_teacher_config(cfg), "mnist-sample-5k")
+    assert cache.dir == entry and cache.verified()
+    stored_identity = cache.identity
 
-    # A damaged teacher.ckpt: named in one line and retrained.
-    ckpt = Path(second["teacher_ckpt"])
-    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    # A stored identity that differs (an edited file, a hash collision): not used, removed to be rebuilt.
+    edited = {**json.loads(cache.record.read_text()), "identity": {**stored_identity, "seed": 99}}
+    cache.record.write_text(json.dumps(edited))
     caplog.clear()
-    result = tiny(tmp_path, "e")
-    assert "has a damaged teacher.ckpt" in caplog.text and "Training the teacher" in caplog.text
-    assert result["test/teacher_acc"] == pytest.approx(second["test/teacher_acc"])  # the same teacher again
-    assert (ckpt.parent / "teacher.json").is_file()
+    assert not cache.verified()
+    assert "was trained with another config (seed: stored 99, now 42)" in caplog.text
+    assert not cache.ckpt.exists() and not cache.record.exists()
+
+    # A damaged teacher.ckpt: named in one line; the next run trains the same teacher again.
+    ckpt_bytes = Path(second["best_ckpt"]).read_bytes()  # any file: what matters is the checksum
+    cache.store(second["best_ckpt"])
+    cache.ckpt.write_bytes(ckpt_bytes[:1000])
+    caplog.clear()
+    result = train(tiny(tmp_path, "e"))
+    assert caplog.text.count("has a damaged teacher.ckpt (its sha256 differs from teacher.json): training it again") == 1
+    assert "Training the teacher" in caplog.text and result["teacher_ckpt"] == second["teacher_ckpt"]
+    assert result["test/teacher_acc"] == second["test/teacher_acc"]  # the same teacher again
+    assert json.loads(cache.record.read_text())["identity"] == stored_identity
 
 
 def test_waiting_for_the_teacher_lock_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

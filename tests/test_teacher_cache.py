@@ -1,6 +1,7 @@
 """The teacher-logit cache: rows aligned with dataset indices under shuffling, identical losses and gradients,
-rebuilt when the teacher or the data changes."""
+rebuilt when the teacher or the data changes, or when the file is damaged or not what it claims."""
 
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from kd_lightning.data import MNISTDataModule
 from kd_lightning.models import MLP, MnistCNN
 from kd_lightning.modules import DistillModule
-from kd_lightning.teacher import cached_teacher_logits
+from kd_lightning.teacher import cached_teacher_logits, tensor_sha256
 
 
 def save_teacher(path: Path, seed: int) -> MnistCNN:
@@ -95,3 +96,44 @@ def test_no_train_cache_with_random_augmentation(tmp_path: Path, datamodule: MNI
     monkeypatch.setattr(datamodule, "random_augmentation", True)
     teacher = save_teacher(tmp_path / "t.ckpt", 0)
     assert set(cached_teacher_logits(tmp_path / "t.ckpt", teacher, datamodule, tmp_path / "cache")) == {"val", "test"}
+
+
+def damage(path: Path, how: str) -> None:
+    """Replace a logit cache by what a bug, a full disk or a user could leave there."""
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return
+    cached = torch.load(path, weights_only=True)
+    if how == "plain_random":  # the old format: {split: logits}, random values of the right shape
+        torch.save({s: torch.randn_like(t) for s, t in cached["logits"].items()}, path)
+        return
+    if how == "random_with_valid_checksums":
+        cached["logits"] = {s: torch.randn_like(t) for s, t in cached["logits"].items()}
+    elif how == "wrong_shape":
+        cached["logits"]["train"] = cached["logits"]["train"][:-5]
+    elif how == "other_teacher":
+        cached["teacher_sha256"] = "0" * 64
+    for split, logits in cached["logits"].items():
+        cached["checks"][split] = {"shape": list(logits.shape), "dtype": str(logits.dtype), "sha256": tensor_sha256(logits)}
+    torch.save(cached, path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "plain_random", "random_with_valid_checksums", "wrong_shape",
+                                 "other_teacher"])
+def test_a_damaged_or_foreign_logit_cache_is_named_and_rebuilt(tmp_path: Path, datamodule: MNISTDataModule,
+                                                                caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """Issue 11 item 5: what identifies and checks the cache is stored and verified on every load."""
+    teacher = save_teacher(tmp_path / "t.ckpt", 0)
+    first = cached_teacher_logits(tmp_path / "t.ckpt", teacher, datamodule, tmp_path / "cache")
+    (path,) = (tmp_path / "cache" / "logits").glob("*.pt")
+    damage(path, how)
+    caplog.set_level(logging.INFO)
+    again = cached_teacher_logits(tmp_path / "t.ckpt", teacher, datamodule, tmp_path / "cache")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"Teacher-logit cache {path} ")
+    assert warnings[0].endswith(": computing it again") and "\n" not in warnings[0]
+    for split in ("train", "val", "test"):
+        torch.testing.assert_close(again[split], first[split])
+    caplog.clear()
+    cached_teacher_logits(tmp_path / "t.ckpt", teacher, datamodule, tmp_path / "cache")  # the rebuilt file is good
+    assert "Using cached teacher logits" in caplog.text and "computing it again" not in caplog.text
