@@ -123,7 +123,9 @@ def damage(path: Path, how: str) -> None:
 def test_a_damaged_or_foreign_logit_cache_is_named_and_rebuilt(tmp_path: Path, datamodule: MNISTDataModule,
                                                                 caplog: pytest.LogCaptureFixture, how: str) -> None:
     """Issue 11 item 5: what identifies and checks the cache is stored and verified on every load."""
-    teacher = save_teacher(tmp_path / "t.ckpt", 0)
+    torch.manual_seed(0)
+    teacher = MLP([16]).eval()  # small: the cache is built twice
+    torch.save({"state_dict": {f"net.{k}": v for k, v in teacher.state_dict().items()}}, tmp_path / "t.ckpt")
     first = cached_teacher_logits(tmp_path / "t.ckpt", teacher, datamodule, tmp_path / "cache")
     (path,) = (tmp_path / "cache" / "logits").glob("*.pt")
     damage(path, how)
