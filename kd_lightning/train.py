@@ -5,7 +5,6 @@ One function trains any configured net: teachers (ClassifierModule) and students
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import config  # also registers the ${kd_root:} and ${kd_if_null:} resolvers
-from kd_lightning.checkpoints import load_checkpoint
-from kd_lightning.errors import ConfigError, InputError, NonFiniteLossError
+from kd_lightning.checkpoints import intact_checkpoint, load_checkpoint
+from kd_lightning.errors import ConfigError, Interrupted, exit_on_error
 from kd_lightning.modules import DistillModule
+from kd_lightning.run_dir import resume_dir_error
 from kd_lightning.summary import hparams_of, print_summary
-from kd_lightning.sweeps import Interrupted, run_sweep_job
+from kd_lightning.sweeps import run_sweep_job
 from kd_lightning.teacher import cached_teacher_logits, provide_teacher
-from kd_lightning.validation import check_num_classes, validate_config
+from kd_lightning.validation import check_num_classes, check_splits, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def build(cfg: DictConfig) -> Run:
     # Find the data (and its source, which keys the teacher cache) before anything trains.
     datamodule.prepare_data()
     datamodule.setup("fit")
+    check_splits(datamodule)
     check_num_classes("model", cfg.model, datamodule)
 
     module_kwargs: dict[str, Any] = {}
@@ -141,14 +142,14 @@ def fit_facts(best: ModelCheckpoint) -> dict[str, Any]:
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The saved config of `run_dir`, set to continue its fit in place from its newest last/interrupted
-    checkpoint; `key=value` overrides (e.g. trainer.max_epochs=20) apply on top."""
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"resume={run_dir} is not accepted: it has no .hydra/config.yaml (not a train.py run dir)")
-    cfg = OmegaConf.load(saved)
+    """The saved config of `run_dir`, set to continue its fit in place from its newest intact checkpoint
+    (a damaged one is named and skipped); `key=value` overrides (e.g. trainer.max_epochs=20) apply on top."""
+    if error := resume_dir_error(run_dir):
+        raise ConfigError(error)
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     cfg.paths.output_dir = str(run_dir.resolve())
-    cfg.ckpt_path = "last"
+    checkpoint = intact_checkpoint(run_dir / "checkpoints")
+    cfg.ckpt_path = str(checkpoint) if checkpoint else "last"  # "last" without one: train() says it starts anew
     cfg.resume = None
     OmegaConf.set_struct(cfg, True)
     try:
@@ -160,7 +161,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train, and return `cfg.optimized_metric` (the objective of a sweeper such as Optuna)."""
-    try:
+    with exit_on_error(log):
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return run_sweep_job(cfg, train)  # failures are recorded, not raised: the sweep goes on
         if cfg.get("resume"):
@@ -168,12 +169,6 @@ def main(cfg: DictConfig) -> float | None:
             others = [o.lstrip("+") for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
             cfg = resume_config(Path(cfg.resume), others)
         return train(cfg)[cfg.optimized_metric]
-    except (InputError, NonFiniteLossError) as err:
-        log.error("%s", err)
-        sys.exit(2 if isinstance(err, InputError) else 1)
-    except Interrupted as err:
-        log.warning("%s", err)
-        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":
