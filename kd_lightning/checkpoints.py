@@ -90,9 +90,15 @@ def load_net(path: str | Path, net_config: Any = None) -> nn.Module:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
+    """The process's umask: from /proc on Linux; elsewhere by setting it and putting it straight back (which
+    another thread creating a file at that instant could notice)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _fsync_dir(directory: Path) -> None:
