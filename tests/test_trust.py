@@ -29,7 +29,7 @@ from kd_lightning.models import MLP
 from kd_lightning.report import load_results
 from kd_lightning.run_dir import CheckResumeDir, run_name, this_run_name
 from kd_lightning.sweeps import SweepGuard, run_sweep_job
-from kd_lightning.train import build, resume_config
+from kd_lightning.train import build, resume_config, train
 
 OFFLINE = ["data.download=false", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null"]
 
@@ -338,3 +338,21 @@ def test_sweep_rerun_with_other_values_and_failed_jobs(tmp_path: Path) -> None:
     rows = {r["job"]: r for r in load_results(sweep)}
     assert (rows[0]["T"], rows[2]["T"]) == (2.0, 4.0)
     assert rows[0]["test_acc"] == json.loads((sweep / "0" / "metrics.json").read_text())["test/acc"]
+
+
+@pytest.mark.slow
+def test_a_run_whose_last_checkpoint_is_damaged_resumes_and_finishes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = compose_train_config(["experiment=teacher", "model=mlp_784_16_10", "trainer.max_epochs=2",
+                                "+trainer.limit_train_batches=3", *OFFLINE, f"paths.log_dir={tmp_path / 'logs'}",
+                                f"paths.output_dir={run_dir}"])
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    train(cfg)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # what a full disk left before checkpoints were atomic
+
+    resumed_cfg = resume_config(run_dir, ["trainer.max_epochs=3"])
+    assert Path(resumed_cfg.ckpt_path).name in ("best.ckpt", "epoch001.ckpt")
+    resumed = train(resumed_cfg)
+    assert resumed["epochs"] == 3 and torch.load(last, weights_only=True)["epoch"] == 2
