@@ -1,8 +1,14 @@
-"""Reading checkpoints safely and writing files atomically.
+"""Reading checkpoints safely and writing files atomically, on any filesystem.
 
 Every checkpoint is read with `weights_only=True`: a file whose unpickling would run code is refused.
+Every file a user depends on (checkpoints, the teacher cache, metrics) is written by `atomic_write`: a temporary
+file in the destination's own directory, flushed and fsynced, then renamed over the destination (a rename is
+atomic only within one filesystem, so the temporary file is never in /tmp). A reader sees the old file or the
+whole new one, also after a full disk or a crash. Lightning's checkpoints go through it via
+`AtomicCheckpointIO` (conf/trainer/default.yaml `plugins`).
 """
 
+import logging
 import os
 import pickle
 import re
@@ -13,10 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from hydra.utils import instantiate
+from lightning_fabric.plugins import TorchCheckpointIO
+from lightning_fabric.utilities.cloud_io import get_filesystem
+from lightning_fabric.utilities.types import _PATH
 from torch import nn
 
 from kd_lightning.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 NET_PREFIX = "net."
 
@@ -77,18 +89,50 @@ def load_net(path: str | Path, net_config: Any = None) -> nn.Module:
     return net
 
 
+def _umask() -> int:
+    """The process's umask: from /proc on Linux; elsewhere by setting it and putting it straight back (which
+    another thread creating a file at that instant could notice)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable; not every OS or filesystem lets a directory be opened or synced."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(dst: str | Path, write: Callable[[str], None]) -> None:
-    """`write(tmp)` to a temporary file beside `dst`, then rename: readers see the old file or the whole new one."""
+    """`write(tmp)` to a temporary file beside `dst`, fsync it, then rename: readers see the old file or the whole
+    new one. The file gets the mode of any new file (0644 under umask 022), not mkstemp's private 0600, so a
+    group can share a cache."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # `write` may have closed its own handle without syncing
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(dst.parent)
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> None:
@@ -97,3 +141,45 @@ def atomic_copy(src: str | Path, dst: str | Path) -> None:
 
 def atomic_torch_save(obj: Any, dst: str | Path) -> None:
     atomic_write(dst, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(dst: str | Path, text: str) -> None:
+    atomic_write(dst, lambda tmp: Path(tmp).write_text(text))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with local checkpoints written by `atomic_write`.
+
+    Lightning's own writer serializes to memory and moves the file into place through fsspec, which stages it
+    in /tmp: with the run dir on another filesystem, a full disk leaves a truncated checkpoint. Remote paths
+    (s3://, ...) keep Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+
+def intact_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint in `checkpoint_dir` that loads (last, interrupted, periodic epochNNN or best, by
+    modification time); damaged ones are named in one warning line each. None when there is no checkpoint;
+    a CheckpointError when every one is damaged."""
+    candidates = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    damaged = []
+    for path in candidates:
+        try:
+            load_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("%s: skipped", err)
+            damaged.append(path.name)
+            continue
+        if damaged:
+            log.warning("Resuming from %s, the newest intact checkpoint (damaged: %s)", path, ", ".join(damaged))
+        return path
+    if damaged:
+        raise CheckpointError(
+            f"every checkpoint in {checkpoint_dir} is damaged ({', '.join(damaged)}): nothing to resume from; "
+            f"delete them to train from the beginning in this dir, or start a new run"
+        )
+    return None

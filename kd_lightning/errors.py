@@ -1,4 +1,15 @@
-"""Errors caused by the user's input. The entry points print their one-line message, without a traceback."""
+"""Errors caused by the user's input, an interrupted run, and the one place that turns them into an exit code.
+
+The entry points (train.py, eval.py) run inside `exit_on_error`: an InputError prints its one-line message,
+without a traceback, and exits with 2; an interrupted run exits with the shell's code for its signal.
+"""
+
+import logging
+import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 
 class InputError(Exception):
@@ -19,3 +30,29 @@ class DataError(InputError, FileNotFoundError):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
+
+
+class Interrupted(Exception):
+    """The fit was stopped by Ctrl-C or SIGTERM after saving checkpoints/interrupted.ckpt."""
+
+    def __init__(self, output_dir: Path, sigterm: bool) -> None:
+        # Quoted for the shell: the command is meant to be pasted, and run dirs may hold spaces.
+        super().__init__(f"interrupted by {'SIGTERM' if sigterm else 'Ctrl-C'}; resume with: "
+                         f"python train.py {shlex.quote(f'resume={output_dir}')}")
+        self.exit_code = 143 if sigterm else 130  # the shell's codes for death by SIGTERM / SIGINT
+
+
+@contextmanager
+def exit_on_error(log: logging.Logger) -> Iterator[None]:
+    """Bad input: its one line, exit code 2. A NaN loss: its line, exit 1. Ctrl-C / SIGTERM: 130 / 143."""
+    try:
+        yield
+    except InputError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+        sys.exit(1)
+    except Interrupted as err:
+        log.warning("%s", err)
+        sys.exit(err.exit_code)

@@ -1,6 +1,8 @@
 """Test a saved net: `python eval.py ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt [data=...]`.
 
 The checkpoint alone rebuilds the net (students hold no teacher), so any train.py checkpoint evaluates here.
+A missing or damaged checkpoint, a net that does not fit the data and missing data are one-line errors with
+exit code 2, as in train.py.
 """
 
 import json
@@ -9,34 +11,56 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch import nn
 
 from kd_lightning import config
-from kd_lightning.checkpoints import load_net
+from kd_lightning.checkpoints import atomic_write_text, load_net
+from kd_lightning.errors import CheckpointError, exit_on_error
 from kd_lightning.modules import ClassifierModule
+from kd_lightning.run_dir import CheckResumeDir  # noqa: F401 - registers ${kd_run_name:} (conf/hydra)
 
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def check_net_fits_data(net: nn.Module, ckpt_path: str, datamodule: Any) -> None:
+    """One example's shape through the net: it must take the data's inputs and give one logit per class."""
+    shape, n_classes = tuple(datamodule.input_shape), datamodule.num_classes
+    name = type(net).__name__
+    try:
+        out = net.eval()(torch.zeros(1, *shape))
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{ckpt_path} holds a {name} that does not take {datamodule.source} inputs of shape "
+                              f"{shape} ({first_line}): evaluate it on the data it was trained on") from None
+    if out.shape[-1] != n_classes:
+        raise CheckpointError(f"{ckpt_path} holds a {name} with {out.shape[-1]} outputs, but {datamodule.source} "
+                              f"has {n_classes} classes: evaluate it on the data it was trained on")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     net = load_net(cfg.ckpt_path)
-    module = ClassifierModule(net, optimizer=None)
     datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    check_net_fits_data(net, cfg.ckpt_path, datamodule)
+    module = ClassifierModule(net, optimizer=None)
     trainer = instantiate(cfg.trainer, logger=False)
     metrics = trainer.test(module, datamodule=datamodule)[0]
     result = {**{k: float(v) for k, v in metrics.items()}, "ckpt_path": str(cfg.ckpt_path),
               "data_source": datamodule.source}
-    out = Path(cfg.paths.output_dir) / "metrics.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    atomic_write_text(Path(cfg.paths.output_dir) / "metrics.json", json.dumps(result, indent=2))
     log.info("%s", result)
     return result
 
 
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="eval")
-def main(cfg: DictConfig) -> float:
-    return evaluate(cfg)["test/acc"]
+def main(cfg: DictConfig) -> float | None:
+    with exit_on_error(log):
+        return evaluate(cfg)["test/acc"]
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ every multirun, see `ReportOnMultirunEnd`).
 
 Writes into the multirun dir:
 - results.csv: one row per job (group, T, alpha, seed, status, best epoch, val/test accuracy and loss, teacher
-  agreement, wall time), from each job's own metrics.json / failed.json;
+  agreement, wall time), from each job's own metrics.json / failed.json, labelled by the config recorded there;
 - results.md: mean ± std over seeds per setting, the best setting (by validation accuracy) marked;
 - heatmap.png: mean test accuracy over T × alpha of the hard_soft jobs (when there are any);
 - curves.png: train loss and val loss per epoch for each group, from the jobs' TensorBoard logs.
@@ -11,6 +11,7 @@ Test metrics are those of the checkpoint chosen by validation loss, never of the
 """
 
 import csv
+import io
 import json
 import logging
 import statistics
@@ -25,6 +26,7 @@ from matplotlib.figure import Figure  # figures without pyplot: no backend or gl
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig
 
+from kd_lightning.checkpoints import atomic_write_text
 from kd_lightning.config import is_distillation
 
 log = logging.getLogger(__name__)
@@ -40,11 +42,23 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
+def job_settings(job: Path) -> dict[str, Any]:
+    """The resolved config that produced the job's record: its metrics.json (done), failed.json (failed) or
+    job.json (started), never `.hydra/config.yaml`, which Hydra rewrites when another sweep command reuses the
+    dir. Sweeps recorded before records held the config fall back to it."""
+    for name in ("metrics.json", "failed.json", "job.json"):
+        if (job / name).is_file():
+            record = json.loads((job / name).read_text())
+            if "config" in record:
+                return record["config"]
+    return yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+
+
 def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per job of the multirun in `sweep_dir`."""
+    """One row per job of the multirun in `sweep_dir`, labelled by the settings recorded with its result."""
     rows = []
     for job in job_dirs(Path(sweep_dir)):
-        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        config = job_settings(job)
         distill = config.get("distill", {})
         group = distill.get("group") if is_distillation(config) else "teacher"
         row: dict[str, Any] = {
@@ -186,11 +200,12 @@ def plot_curves(sweep_dir: str | Path, rows: list[dict[str, Any]], path: Path | 
 def write_report(sweep_dir: str | Path) -> list[dict[str, Any]]:
     sweep_dir = Path(sweep_dir)
     rows = load_results(sweep_dir)
-    with open(sweep_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    (sweep_dir / "results.md").write_text(markdown_table(rows))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(sweep_dir / "results.csv", table.getvalue())
+    atomic_write_text(sweep_dir / "results.md", markdown_table(rows))
     if any(r["status"] == "done" and r["group"] == "hard_soft" for r in rows):
         plot_heatmap(rows, sweep_dir / "heatmap.png")
     if any(r["status"] == "done" for r in rows):

@@ -1,16 +1,22 @@
 """One job of a Hydra multirun (`python train.py -m ...`): resumable, and a failure does not stop the sweep.
 
 Running the same sweep command again into the same sweep dir (`hydra.sweep.dir=<dir>`) skips the jobs that
-finished (their `metrics.json` records the same overrides), continues unfinished ones from their last or
-interrupted checkpoint, and retries failed ones. A job that fails (a bad setting, a NaN loss, out of memory)
-writes `failed.json` with its error and returns None, so the other jobs and an Optuna study go on (Optuna marks
-a trial whose value is not a number as failed; NaN would crash its Hydra plugin). Ctrl-C still stops the whole
-sweep, after saving the running job's checkpoint.
+finished (their `metrics.json` records the same overrides), continues unfinished ones from their newest intact
+checkpoint, and retries failed ones. A sweep command with other parameters is refused in a dir that holds a sweep
+(`sweep.json` records its overrides; Hydra would otherwise rewrite the jobs' `.hydra/config.yaml` under the
+earlier results). A job that fails (a bad setting, a NaN loss, out of memory) writes `failed.json` with its
+error and returns None, so the other jobs and an Optuna study go on (Optuna marks a trial whose value is not a
+number as failed; NaN would crash its Hydra plugin); when the sweep and its report are done, the command exits
+with 1 and names the failed jobs. Ctrl-C still stops the whole sweep, after saving the running job's checkpoint.
+
+Every record of a job (`job.json` at its start, `metrics.json` or `failed.json` at its end) holds the job's
+resolved config under "config": the report labels each result with the settings that produced it.
 """
 
 import json
 import logging
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -18,18 +24,13 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint
+from kd_lightning.errors import Interrupted
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """The fit was stopped by Ctrl-C or SIGTERM after saving checkpoints/interrupted.ckpt."""
-
-    def __init__(self, output_dir: Path, sigterm: bool) -> None:
-        super().__init__(f"interrupted by {'SIGTERM' if sigterm else 'Ctrl-C'}; resume with: "
-                         f"python train.py resume={output_dir}")
-        self.exit_code = 143 if sigterm else 130  # the shell's codes for death by SIGTERM / SIGINT
 
 
 def limit_threads_for_parallel_jobs() -> None:
@@ -43,9 +44,14 @@ def limit_threads_for_parallel_jobs() -> None:
     log.info("%d jobs at once on %d cores: %d torch threads for this one", n_jobs, cpus, torch.get_num_threads())
 
 
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(record, indent=2))
+
+
 def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> float | None:
     job_dir = Path(cfg.paths.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
+    settings = OmegaConf.to_container(cfg, resolve=True)  # what produced this job's results
     metrics_file, record, failure = job_dir / "metrics.json", job_dir / "job.json", job_dir / "failed.json"
 
     if metrics_file.is_file():
@@ -55,15 +61,13 @@ def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]
             return metrics.get(cfg.optimized_metric)
     if record.is_file() and json.loads(record.read_text())["overrides"] != overrides:
         message = f"{job_dir} holds another job ({json.loads(record.read_text())['overrides']}): use a new sweep dir"
-        failure.write_text(json.dumps({"overrides": overrides, "error": message}, indent=2))
+        write_json(failure, {"overrides": overrides, "config": settings, "error": message})
         log.error(message)
         return None
-    checkpoints = job_dir / "checkpoints"
-    if any((checkpoints / name).is_file() for name in ("last.ckpt", "interrupted.ckpt")):
-        log.info("Job %s resumes from its last checkpoint", job_dir.name)
-        cfg.ckpt_path = "last"
-    job_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"overrides": overrides}, indent=2))
+    if checkpoint := intact_checkpoint(job_dir / "checkpoints"):
+        log.info("Job %s resumes from its last checkpoint (%s)", job_dir.name, checkpoint.name)
+        cfg.ckpt_path = str(checkpoint)
+    write_json(record, {"overrides": overrides, "config": settings})
     limit_threads_for_parallel_jobs()
 
     try:
@@ -71,11 +75,41 @@ def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]
     except Interrupted:
         raise  # Ctrl-C / SIGTERM stop the sweep; the next run of the command resumes this job
     except Exception as err:  # noqa: BLE001 - any failure of one job is recorded and the sweep goes on
-        failure.write_text(json.dumps({
-            "overrides": overrides, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
-        }, indent=2))
+        write_json(failure, {
+            "overrides": overrides, "config": settings, "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(),
+        })
         log.error("Job %s failed (%s: %s); the sweep goes on", job_dir.name, type(err).__name__, err)
         return None
     failure.unlink(missing_ok=True)
-    metrics_file.write_text(json.dumps({**result, "overrides": overrides}, indent=2))
+    write_json(metrics_file, {**result, "overrides": overrides, "config": settings})
     return result.get(cfg.optimized_metric)
+
+
+def failed_jobs(sweep_dir: Path) -> list[Path]:
+    """The failed.json of each job of the sweep whose last attempt failed, in job order."""
+    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    return [job / "failed.json" for job in jobs if (job / "failed.json").is_file()]
+
+
+class SweepGuard(Callback):
+    """Hydra callback: one sweep per sweep dir, and a sweep with failed jobs exits non-zero after its report."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        overrides = sorted(config.hydra.overrides.task)
+        record = sweep_dir / "sweep.json"
+        if record.is_file():
+            earlier = json.loads(record.read_text())["overrides"]
+            if earlier != overrides:
+                log.error("%s holds the sweep %s; this command sweeps %s: use a new hydra.sweep.dir (the same "
+                          "command again continues that sweep)", sweep_dir, " ".join(earlier), " ".join(overrides))
+                sys.exit(2)
+        else:
+            write_json(record, {"overrides": overrides})
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir() and (failed := failed_jobs(sweep_dir)):
+            log.error("%d job(s) of the sweep failed; their errors: %s", len(failed), " ".join(map(str, failed)))
+            sys.exit(1)

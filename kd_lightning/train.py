@@ -7,7 +7,6 @@ now by this same recipe) -> build (pure construction) -> fit -> test -> record. 
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import config  # also registers the ${kd_root:} and ${kd_if_null:} resolvers
-from kd_lightning.checkpoints import load_checkpoint, load_net
+from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint, load_checkpoint, load_net
 from kd_lightning.config import is_distillation
-from kd_lightning.errors import ConfigError, InputError, NonFiniteLossError
+from kd_lightning.errors import ConfigError, Interrupted, exit_on_error
+from kd_lightning.run_dir import resume_dir_error
 from kd_lightning.summary import hparams_of, print_summary
-from kd_lightning.sweeps import Interrupted, run_sweep_job
+from kd_lightning.sweeps import run_sweep_job
 from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_teacher_config
-from kd_lightning.validation import check_num_classes, validate_config
+from kd_lightning.validation import check_num_classes, check_splits, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def prepare_data(cfg: DictConfig) -> pl.LightningDataModule:
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    check_splits(datamodule)
     check_num_classes("model", cfg.model, datamodule)
     return datamodule
 
@@ -148,9 +149,9 @@ def record(cfg: DictConfig, result: dict[str, Any], trainer: pl.Trainer, data_so
     for lg in trainer.loggers:
         lg.log_hyperparams(hparams_of(cfg, data_source), hp_metrics)
         lg.finalize("success")  # test() already closed the writer; this flushes the new records
-    output_dir = Path(result["output_dir"])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    # The results carry the resolved settings that produced them (read by the sweep report), written atomically.
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    atomic_write_text(Path(result["output_dir"]) / "metrics.json", json.dumps({**result, "config": settings}, indent=2))
     print_summary(cfg, result)
 
 
@@ -174,14 +175,14 @@ def fit_facts(best: ModelCheckpoint) -> dict[str, Any]:
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The saved config of `run_dir`, set to continue its fit in place from its newest last/interrupted
-    checkpoint; `key=value` overrides (e.g. trainer.max_epochs=20) apply on top."""
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"resume={run_dir} is not accepted: it has no .hydra/config.yaml (not a train.py run dir)")
-    cfg = OmegaConf.load(saved)
+    """The saved config of `run_dir`, set to continue its fit in place from its newest intact checkpoint
+    (a damaged one is named and skipped); `key=value` overrides (e.g. trainer.max_epochs=20) apply on top."""
+    if error := resume_dir_error(run_dir):
+        raise ConfigError(error)
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     cfg.paths.output_dir = str(run_dir.resolve())
-    cfg.ckpt_path = "last"
+    checkpoint = intact_checkpoint(run_dir / "checkpoints")
+    cfg.ckpt_path = str(checkpoint) if checkpoint else "last"  # "last" without one: train() says it starts anew
     cfg.resume = None
     OmegaConf.set_struct(cfg, True)
     try:
@@ -193,7 +194,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train, and return `cfg.optimized_metric` (the objective of a sweeper such as Optuna)."""
-    try:
+    with exit_on_error(log):
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return run_sweep_job(cfg, train)  # failures are recorded, not raised: the sweep goes on
         if cfg.get("resume"):
@@ -201,12 +202,6 @@ def main(cfg: DictConfig) -> float | None:
             others = [o.lstrip("+") for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
             cfg = resume_config(Path(cfg.resume), others)
         return train(cfg)[cfg.optimized_metric]
-    except (InputError, NonFiniteLossError) as err:
-        log.error("%s", err)
-        sys.exit(2 if isinstance(err, InputError) else 1)
-    except Interrupted as err:
-        log.warning("%s", err)
-        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,14 @@ from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import LOSS_GROUPS
 
+# The temperatures at which the soft loss T^2 KL(softmax(t/T) || softmax(s/T)) teaches something in float32.
+# Its gradient w.r.t. the student's logits is T (softmax(s/T) - softmax(t/T)): below 0.05 it is under 1/20 of
+# its size at T=1 and the targets are one-hot (T=1e-30: a zero gradient, the student stays at chance). Above 100
+# the loss is the logit-matching limit, and float32 rounding grows (relative error 2e-6 at T=100, 3e-4 at 1000,
+# 4e-2 at 10,000; docs/reliability.md).
+T_RANGE = (0.05, 100.0)
+SEED_MAX = 2**32 - 1  # numpy's seed range, which seed_everything enforces
+
 
 def _require(ok: bool, key: str, value: object, accepted: str) -> None:
     if not ok:
@@ -32,9 +40,14 @@ def validate_config(cfg: DictConfig) -> None:
     if is_distillation(cfg):  # a teacher run does not read distill.*
         distill = cfg.distill
         _require(distill.group in LOSS_GROUPS, "distill.group", distill.group, f"one of {', '.join(LOSS_GROUPS)}")
-        _require(_is_number(distill.T) and distill.T > 0, "distill.T", distill.T, "a temperature > 0")
+        _require(_is_number(distill.T) and T_RANGE[0] <= distill.T <= T_RANGE[1], "distill.T", distill.T,
+                 f"a temperature in [{T_RANGE[0]}, {T_RANGE[1]:g}] (outside it the soft loss teaches nothing in float32)")
         _require(_is_number(distill.alpha) and 0 <= distill.alpha <= 1, "distill.alpha", distill.alpha,
                  "a weight in [0, 1]")
+
+    seed = cfg.get("seed")
+    _require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX, "seed", seed,
+             f"an integer in [0, {SEED_MAX}]")
 
     data = cfg.data
     for key in ("batch_size", "eval_batch_size"):
@@ -63,3 +76,19 @@ def check_num_classes(what: str, model_cfg: DictConfig, datamodule: Any) -> None
             f"{what} has num_classes={n_model}, but the data ({datamodule.source}) has {n_data} classes: "
             f"use a model with num_classes={n_data}"
         )
+
+
+def check_splits(datamodule: Any) -> None:
+    """Every split of the set-up datamodule holds at least one batch: an empty validation split would otherwise
+    fail after a whole training (Lightning's error), an empty training split would train nothing."""
+    split_of = getattr(datamodule, "train_val_split", None)
+    for split, loader in (("train", datamodule.train_dataloader), ("val", datamodule.val_dataloader),
+                          ("test", datamodule.test_dataloader)):
+        batches = len(loader())
+        if batches == 0:
+            where = f"data.train_val_split={list(split_of)}" if split_of and split != "test" else "the data"
+            raise ConfigError(
+                f"{where} leaves the {split} split without a single batch ({datamodule.source}): every split "
+                f"needs at least one batch; give {split} a larger share, e.g. data.train_val_split=[0.8, 0.2]"
+            )
+

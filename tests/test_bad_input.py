@@ -30,8 +30,12 @@ def compose(tmp_path: Path, *overrides: str):
 @pytest.mark.parametrize(
     ("override", "key", "accepted"),
     [
-        ("distill.T=0", "distill.T=0", "> 0"),
-        ("distill.T=-2.5", "distill.T=-2.5", "> 0"),
+        ("distill.T=0", "distill.T=0", "in [0.05, 100]"),
+        ("distill.T=-2.5", "distill.T=-2.5", "in [0.05, 100]"),
+        ("distill.T=1e-30", "distill.T=1e-30", "in [0.05, 100]"),  # trained a student at chance, exit 0
+        ("distill.T=1000", "distill.T=1000", "in [0.05, 100]"),
+        ("seed=abc", "seed='abc'", "an integer in [0, 4294967295]"),
+        ("seed=-1", "seed=-1", "an integer in [0, 4294967295]"),
         ("distill.alpha=1.5", "distill.alpha=1.5", "[0, 1]"),
         ("distill.alpha=-0.1", "distill.alpha=-0.1", "[0, 1]"),
         ("distill.group=hardsoft", "distill.group='hardsoft'", "hard, soft, hard_soft"),
