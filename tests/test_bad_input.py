@@ -9,8 +9,8 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import ConfigCompositionException
 
-from conftest import run_script
 from fake_data import write_mnist
+from helpers import run_script
 from kd_lightning.checkpoints import atomic_torch_save, load_checkpoint
 from kd_lightning.config import compose_train_config
 from kd_lightning.data import MNISTDataModule

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from conftest import run_script
+from helpers import run_script
 
 
 def test_ddp_cpu_run_inside_a_multirun(tmp_path: Path, offline_overrides: list[str]) -> None:

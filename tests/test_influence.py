@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_script
+from helpers import run_script
 from kd_lightning.config import CONF_DIR
 from kd_lightning.errors import ConfigError, InputError
 from kd_lightning.influence import compare

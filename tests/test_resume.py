@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import run_script
+from helpers import run_script
 from kd_lightning.config import compose_train_config
 from kd_lightning.train import train
 

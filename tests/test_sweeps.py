@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from conftest import ROOT, run_script
+from helpers import ROOT, run_script
 from kd_lightning.config import CONF_DIR
 
 TINY = ["trainer.max_epochs=2", "+trainer.limit_train_batches=10", "trainer.log_every_n_steps=5",

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from conftest import run_script
+from helpers import run_script
 
 
 def test_soft_experiment_trains_teacher_once_then_reuses_it(tmp_path: Path, offline_overrides: list[str]) -> None:
