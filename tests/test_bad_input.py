@@ -56,6 +56,7 @@ def test_misspelled_override_is_rejected_by_struct_mode() -> None:
         compose_train_config(["trainer.max_epoch=4"])
 
 
+@pytest.mark.slow  # subprocess
 def test_cli_prints_one_line_and_exits_2(tmp_path: Path, offline_overrides: list[str]) -> None:
     proc = run_script("train.py", "experiment=soft", "distill.alpha=2", *offline_overrides,
                       f"hydra.run.dir={tmp_path / 'run'}", expect_rc=2)

@@ -293,6 +293,7 @@ def test_experiment_configs(name: str) -> None:
 
 
 # ---- end to end ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # subprocess
 def test_cifar10_soft_through_train_py(tmp_path: Path, offline_overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     checksums = write_cifar10(tmp_path / "data", N_TRAIN, N_TEST)
     site = write_checksum_sitecustomize(tmp_path / "site", {"CIFAR10": checksums})

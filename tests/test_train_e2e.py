@@ -3,7 +3,11 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from helpers import run_script
+
+pytestmark = pytest.mark.slow  # train.py and eval.py as subprocesses
 
 
 def test_soft_experiment_trains_teacher_once_then_reuses_it(tmp_path: Path, offline_overrides: list[str]) -> None:
