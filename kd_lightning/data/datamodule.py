@@ -12,6 +12,8 @@ declared here, never how a DataModule stores its examples, so they work on every
   figures and files) and `eval_loader(split)` (the split in dataset order, un-augmented, batches
   `(inputs, labels, dataset_indices)`);
 - `cache_identity()`: what fixes every split's examples and un-augmented inputs, the key of per-example caches.
+
+How a DataModule stores its splits (`splits`: tensors for MNIST, dataset views for CIFAR) is its own business.
 """
 
 from collections.abc import Iterable, Sequence
