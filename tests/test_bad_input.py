@@ -23,7 +23,7 @@ from kd_lightning.train import build
 def compose(tmp_path: Path, *overrides: str):
     return compose_train_config([
         *overrides, f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'run'}",
-        "data.download=false",
+        f"paths.data_dir={tmp_path / 'data'}", "data.download=false",
     ])
 
 
