@@ -1,4 +1,4 @@
-"""TracIn influence of a student and its teacher, compared: `python tracin.py student_run=<run dir>` (see README.md)."""
+"""TracIn influence of a student and its teacher, compared: `python tracin.py student_run=<run dir>` (see docs/influence.md)."""
 
 from kd_lightning.influence.cli import main
 

@@ -9,8 +9,8 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import ConfigCompositionException
 
-from conftest import run_script
 from fake_data import write_mnist
+from helpers import run_script
 from kd_lightning.checkpoints import atomic_torch_save, load_checkpoint
 from kd_lightning.config import compose_train_config
 from kd_lightning.data import MNISTDataModule
@@ -23,7 +23,7 @@ from kd_lightning.train import train
 def compose(tmp_path: Path, *overrides: str):
     return compose_train_config([
         *overrides, f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'run'}",
-        "data.download=false",
+        f"paths.data_dir={tmp_path / 'data'}", "data.download=false",
     ])
 
 
@@ -60,6 +60,7 @@ def test_misspelled_override_is_rejected_by_struct_mode() -> None:
         compose_train_config(["trainer.max_epoch=4"])
 
 
+@pytest.mark.slow  # subprocess
 def test_cli_prints_one_line_and_exits_2(tmp_path: Path, offline_overrides: list[str]) -> None:
     proc = run_script("train.py", "experiment=soft", "distill.alpha=2", *offline_overrides,
                       f"hydra.run.dir={tmp_path / 'run'}", expect_rc=2)

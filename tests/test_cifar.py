@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.utils.data import random_split
 
-from conftest import ROOT, run_script
-from fake_data import write_checksum_sitecustomize, write_cifar10, write_cifar100
+from fake_data import write_checksum_sitecustomize, write_cifar10
+from helpers import ROOT, run_script
 from kd_lightning.callbacks import ChannelsLast
 from kd_lightning.config import compose_train_config
 from kd_lightning.data import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule
@@ -26,18 +26,7 @@ from kd_lightning.models import CifarResNet
 from kd_lightning.models.stats import mult_adds, table
 from kd_lightning.modules import ClassifierModule, DistillModule
 
-N_TRAIN, N_TEST = 50, 20  # per dataset; split 45 train / 5 val
-WRITERS = {torchvision.datasets.CIFAR10: write_cifar10, torchvision.datasets.CIFAR100: write_cifar100}
-
-
-@pytest.fixture
-def cifar_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Fake CIFAR-10 and CIFAR-100 in `tmp_path/data`, with their md5 sums given to torchvision's classes."""
-    root = tmp_path / "data"
-    for cls, write in WRITERS.items():
-        for name, value in write(root, N_TRAIN, N_TEST).items():
-            monkeypatch.setattr(cls, name, value)
-    return root
+N_TRAIN, N_TEST = 50, 20  # per dataset, as conftest's cifar_root writes them; split 45 train / 5 val
 
 
 def make(dm_cls: type[CIFARDataModule], root: Path, **kwargs) -> CIFARDataModule:
@@ -96,8 +85,8 @@ def test_reads_pickled_batches_through_torchvision(cifar_root: Path, dm_cls: typ
 def test_val_split_not_augmented_train_split_is(cifar_root: Path) -> None:
     dm = make(CIFAR10DataModule, cifar_root)
     images, _ = read_file(cifar_root, CIFAR10DataModule, train=True)
-    train_idx = list(random_split(range(N_TRAIN), [0.9, 0.1], generator=torch.Generator().manual_seed(42))[0])
-    assert torch.equal(dm.splits["val"][3][0], dm.splits["val"][3][0])
+    train_idx, val_idx = (list(s) for s in random_split(range(N_TRAIN), [0.9, 0.1], generator=torch.Generator().manual_seed(42)))
+    torch.testing.assert_close(dm.splits["val"][3][0], normalized(images[val_idx[3]], dm))  # eval_loader("val")
     torch.testing.assert_close(dm.splits["train"][7][0], normalized(images[train_idx[7]], dm))  # eval_loader("train")
 
     # The augmented view of the same example: crops of the zero-padded image (32 of 40), flipped or not.
@@ -239,8 +228,8 @@ def test_mult_adds_count_convolutions_and_linear_layers() -> None:
     assert mult_adds(student) == sum(macs)
 
 
-def test_readme_table_is_the_computed_one() -> None:
-    assert table() in (ROOT / "README.md").read_text(), "README.md's CIFAR table is stale: python -m kd_lightning.models.stats"
+def test_docs_table_is_the_computed_one() -> None:
+    assert table() in (ROOT / "docs" / "cifar.md").read_text(), "docs/cifar.md's table is stale: python -m kd_lightning.models.stats"
 
 
 # ---- modules, callbacks, configs ------------------------------------------------------------------------------------
@@ -304,6 +293,7 @@ def test_experiment_configs(name: str) -> None:
 
 
 # ---- end to end ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # subprocess
 def test_cifar10_soft_through_train_py(tmp_path: Path, offline_overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     checksums = write_cifar10(tmp_path / "data", N_TRAIN, N_TEST)
     site = write_checksum_sitecustomize(tmp_path / "site", {"CIFAR10": checksums})

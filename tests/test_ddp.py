@@ -3,7 +3,11 @@
 import json
 from pathlib import Path
 
-from conftest import run_script
+import pytest
+
+from helpers import run_script
+
+pytestmark = pytest.mark.slow  # DDP, through train.py
 
 
 def test_ddp_cpu_run_inside_a_multirun(tmp_path: Path, offline_overrides: list[str]) -> None:

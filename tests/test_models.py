@@ -14,8 +14,8 @@ def build(name: str) -> torch.nn.Module:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("mnist_cnn", 1_199_882),  # REFERENCE.md 1: the teacher
-        ("mlp_784_16_10", 12_730),  # REFERENCE.md 1: the student
+        ("mnist_cnn", 1_199_882),  # docs/reference.md#mnist-teacher-and-student: the teacher
+        ("mlp_784_16_10", 12_730),  # docs/reference.md#mnist-teacher-and-student: the student
         ("mlp_784_1200_1200_10", 784 * 1200 + 1200 + 1200 * 1200 + 1200 + 1200 * 10 + 10),
         ("mlp_784_20_20_10", 784 * 20 + 20 + 20 * 20 + 20 + 20 * 10 + 10),
         ("mlp_784_800_800_10", 784 * 800 + 800 + 800 * 800 + 800 + 800 * 10 + 10),

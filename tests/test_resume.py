@@ -11,7 +11,8 @@ from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import run_script
+from helpers import offline_overrides as offline
+from helpers import run_script
 from kd_lightning.config import compose_train_config
 from kd_lightning.train import train
 
@@ -28,11 +29,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads((tmp / "run" / "metrics.json").read_text())
 
 
-def offline(tmp: Path) -> list[str]:
-    return [f"paths.log_dir={tmp / 'logs'}", f"paths.data_dir={tmp / 'data'}", "data.download=false",
-            "trainer.enable_progress_bar=false", "callbacks.progress_bar=null"]
-
-
+@pytest.mark.slow  # subprocess
 def test_seeded_deterministic_runs_are_identical(tmp_path: Path, uninterrupted: dict) -> None:
     """The recipe run again in this process, in fresh dirs, repeats the subprocess run bit for bit."""
     cfg = compose_train_config([*RUN, *offline(tmp_path), f"paths.output_dir={tmp_path / 'run'}"])
@@ -42,6 +39,7 @@ def test_seeded_deterministic_runs_are_identical(tmp_path: Path, uninterrupted: 
     assert again["test/acc"] > 0.5
 
 
+@pytest.mark.slow  # subprocess
 @pytest.mark.parametrize(("signal", "exit_code"), [("SIGTERM", 143), ("SIGINT", 130)])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, offline_overrides: list[str], signal: str,
                                                     exit_code: int, uninterrupted: dict) -> None:

@@ -12,17 +12,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from conftest import ROOT, run_script
+from helpers import ROOT, run_script
+from helpers import offline_overrides as offline
 from kd_lightning.config import CONF_DIR
 
 TINY = ["trainer.max_epochs=2", "+trainer.limit_train_batches=10", "trainer.log_every_n_steps=5",
         "teacher.overrides=['trainer.max_epochs=1','+trainer.limit_train_batches=10']"]
 GRID = ["-m", "experiment=hard_soft", "distill.T=1,4", "distill.alpha=0.1,0.9", *TINY]
-
-
-def offline(tmp: Path) -> list[str]:
-    return [f"paths.log_dir={tmp / 'logs'}", "data.download=false", "trainer.enable_progress_bar=false",
-            "callbacks.progress_bar=null"]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +29,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     return tmp / "sweep", command
 
 
+@pytest.mark.slow  # multirun
 def test_grid_sweep_report(grid: tuple[Path, list[str]]) -> None:
     sweep, _ = grid
     with open(sweep / "results.csv") as f:
@@ -61,6 +58,7 @@ def test_grid_sweep_report(grid: tuple[Path, list[str]]) -> None:
         assert {"_hparams_/experiment", "_hparams_/session_start_info", "hp/test_acc", "val/loss"} <= tags
 
 
+@pytest.mark.slow  # multirun
 def test_rerunning_the_sweep_skips_finished_jobs(grid: tuple[Path, list[str]]) -> None:
     sweep, command = grid
     stamps = {job: (sweep / str(job) / "metrics.json").stat().st_mtime_ns for job in range(4)}
@@ -74,6 +72,7 @@ def test_rerunning_the_sweep_skips_finished_jobs(grid: tuple[Path, list[str]]) -
     assert (sweep / "3" / "metrics.json").is_file()
 
 
+@pytest.mark.slow  # a notebook, on a multirun
 def test_notebook_runs_on_the_sweep(grid: tuple[Path, list[str]]) -> None:
     sweep, _ = grid
     notebook = nbformat.read(ROOT / "notebooks" / "kd_results.ipynb", as_version=4)
@@ -87,6 +86,7 @@ def test_notebook_runs_on_the_sweep(grid: tuple[Path, list[str]]) -> None:
     assert any("4 jobs, 4 done" in o.get("text", "") for o in outputs)
 
 
+@pytest.mark.slow  # multirun
 def test_joblib_parallel_jobs_share_one_teacher_and_failures_do_not_stop_the_sweep(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     run_script("train.py", "-m", "experiment=soft", "distill.T=2,-1,3", "hydra/launcher=joblib",
@@ -102,6 +102,7 @@ def test_joblib_parallel_jobs_share_one_teacher_and_failures_do_not_stop_the_swe
     assert "- job 1 failed: ConfigError: distill.T=-1" in (sweep / "results.md").read_text()
 
 
+@pytest.mark.slow  # multirun
 def test_two_optuna_trials(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     run_script("train.py", "sweep=optuna", "hydra.sweeper.n_trials=2", *TINY, *offline(tmp_path),

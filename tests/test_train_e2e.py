@@ -3,7 +3,11 @@
 import json
 from pathlib import Path
 
-from conftest import run_script
+import pytest
+
+from helpers import run_script
+
+pytestmark = pytest.mark.slow  # train.py and eval.py as subprocesses
 
 
 def test_soft_experiment_trains_teacher_once_then_reuses_it(tmp_path: Path, offline_overrides: list[str]) -> None:
@@ -25,7 +29,9 @@ def test_soft_experiment_trains_teacher_once_then_reuses_it(tmp_path: Path, offl
     metrics = json.loads((tmp_path / "run1" / "metrics.json").read_text())
     assert metrics["data_source"] == "mnist-sample-5k"
     assert metrics["params"] == 12_730 and metrics["teacher_params"] == 1_199_882
-    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/teacher_acc"] > 0.5
+    # Well above chance (0.1) after 40 steps (0.59 measured), so a student that ignores its data or a metric
+    # that is not an accuracy fails here.
+    assert 0.3 < metrics["test/acc"] <= 1.0 and metrics["test/teacher_acc"] > 0.5
     checkpoints = {p.name for p in (tmp_path / "run1" / "checkpoints").iterdir()}
     assert {"best.ckpt", "last.ckpt", "epoch001.ckpt"} <= checkpoints
     assert list((tmp_path / "run1" / "tensorboard").glob("events.out.tfevents.*"))
@@ -39,9 +45,8 @@ def test_soft_experiment_trains_teacher_once_then_reuses_it(tmp_path: Path, offl
     # Same seed, same teacher: the same student.
     assert json.loads((tmp_path / "run2" / "metrics.json").read_text())["test/acc"] == metrics["test/acc"]
 
-    evaluated = run_script(
+    run_script(  # exits 0, or run_script fails the test with its output
         "eval.py", f"ckpt_path={tmp_path / 'run1' / 'checkpoints' / 'best.ckpt'}", *offline_overrides[1:3],
         "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'eval'}",
     )
-    assert evaluated.returncode == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc"] == metrics["test/acc"]

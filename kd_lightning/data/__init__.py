@@ -1,6 +1,7 @@
-"""LightningDataModules. Batches are `(inputs, labels, dataset_indices)`."""
+"""LightningDataModules, all keeping the KDDataModule contract. Batches are `(inputs, labels, dataset_indices)`."""
 
 from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule
+from kd_lightning.data.datamodule import SPLITS, KDDataModule
 from kd_lightning.data.loader import TensorLoader
 from kd_lightning.data.mnist import FashionMNISTDataModule, MNISTDataModule
 
@@ -9,6 +10,8 @@ __all__ = [
     "CIFAR100DataModule",
     "CIFARDataModule",
     "FashionMNISTDataModule",
+    "KDDataModule",
     "MNISTDataModule",
+    "SPLITS",
     "TensorLoader",
 ]

@@ -10,20 +10,19 @@ there by torchvision when `download=true`. There is no fallback: missing or corr
 """
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, random_split
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
+from kd_lightning.data.datamodule import KDDataModule
 from kd_lightning.errors import ConfigError, DataError
-
-SPLITS = ("train", "val", "test")
 
 
 def available_cores() -> int:
@@ -48,14 +47,13 @@ class IndexedSubset(Dataset):
         return self.transform(image), label, i
 
 
-class CIFARDataModule(pl.LightningDataModule):
+class CIFARDataModule(KDDataModule):
     dataset_cls: type[datasets.CIFAR10] = datasets.CIFAR10
     name = "cifar10"
     num_classes = 10
     # Per-channel mean and std of the official training set's pixels, scaled to [0, 1].
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
-    input_shape = (3, 32, 32)
     random_augmentation = True  # training inputs are random crops/flips: teacher logits are not cacheable
 
     def __init__(
@@ -139,16 +137,17 @@ class CIFARDataModule(pl.LightningDataModule):
             f"there, or run once with network access and data.download=true"
         )
 
-    def cache_identity(self) -> dict:
-        """What fixes every split's examples and un-augmented inputs: the key of caches of per-example outputs."""
-        return {
-            "datamodule": type(self).__name__,
-            "source": self.source,
-            "split_seed": self.split_seed,
-            "train_val_split": list(self.train_val_split),
-            "normalize": [list(self.mean), list(self.std)],
-            "sizes": {split: len(subset) for split, subset in self.splits.items()},
-        }
+    # ---- the examples of a split (the KDDataModule contract) ------------------------------------------------
+    def split_size(self, split: str) -> int:
+        self.check_split(split)
+        return len(self.splits[split])
+
+    def raw_images(self, split: str, indices: Iterable[int]) -> tuple[Tensor, Tensor]:
+        self.check_split(split)
+        subset = self.splits[split]
+        rows = [subset.indices[i] for i in indices]  # torchvision keeps uint8 [N, 32, 32, 3] images in `.data`
+        labels = torch.tensor([subset.dataset.targets[r] for r in rows], dtype=torch.long)
+        return torch.as_tensor(subset.dataset.data[rows]), labels
 
     # ---- loaders ---------------------------------------------------------------------------------------------
     def loader_settings(self) -> dict[str, Any]:
@@ -177,8 +176,7 @@ class CIFARDataModule(pl.LightningDataModule):
 
     def eval_loader(self, split: str, batch_size: int | None = None) -> DataLoader:
         """`split` in dataset order, without random augmentation (for teacher-logit caches and influence)."""
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} is not a split; expected one of {SPLITS}")
+        self.check_split(split)
         return self._loader(self.splits[split], batch_size or self.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:

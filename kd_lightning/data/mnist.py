@@ -13,14 +13,14 @@ import functools
 import logging
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torchvision import datasets
 
+from kd_lightning.data.datamodule import KDDataModule
 from kd_lightning.data.loader import TensorLoader
 from kd_lightning.errors import DataError
 
@@ -29,12 +29,11 @@ log = logging.getLogger(__name__)
 SAMPLE_SOURCE = "mnist-sample-5k"
 
 
-class MNISTDataModule(pl.LightningDataModule):
+class MNISTDataModule(KDDataModule):
     dataset_cls: type[datasets.MNIST] = datasets.MNIST
     name = "mnist"
     mean, std = 0.1307, 0.3081
     num_classes = 10
-    input_shape = (1, 28, 28)
     has_sample_fallback = True
     random_augmentation = False  # training inputs are a fixed function of the example (teacher logits cacheable)
 
@@ -56,7 +55,7 @@ class MNISTDataModule(pl.LightningDataModule):
         self.split_seed, self.seed = split_seed, seed
         self.download, self.offline_fallback = download, offline_fallback
         self.source: str | None = None
-        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}  # split -> (uint8 images [N, 28, 28], labels)
         self._device_splits: dict[str, tuple[Tensor, Tensor]] = {}
         self._download_error: str | None = None
 
@@ -149,16 +148,16 @@ class MNISTDataModule(pl.LightningDataModule):
             bar, self._raw_dir(), self._download_error or "download not attempted", bar,
         )
 
-    def cache_identity(self) -> dict:
-        """What fixes every split's examples and inputs: the key of caches of per-example outputs."""
-        return {
-            "datamodule": type(self).__name__,
-            "source": self.source,
-            "split_seed": self.split_seed,
-            "train_val_split": list(self.train_val_split),
-            "normalize": [self.mean, self.std],
-            "sizes": {split: len(labels) for split, (_, labels) in self.splits.items()},
-        }
+    # ---- the examples of a split (the KDDataModule contract) ------------------------------------------------
+    def split_size(self, split: str) -> int:
+        self.check_split(split)
+        return len(self.splits[split][1])
+
+    def raw_images(self, split: str, indices: Iterable[int]) -> tuple[Tensor, Tensor]:
+        self.check_split(split)
+        images, labels = self.splits[split]
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return images[idx], labels[idx]
 
     # ---- loaders ---------------------------------------------------------------------------------------------
     def normalize(self, images: Tensor) -> Tensor:
@@ -197,6 +196,7 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def eval_loader(self, split: str, batch_size: int | None = None) -> TensorLoader:
         """`split` in dataset order, without random augmentation (for teacher-logit caches and influence)."""
+        self.check_split(split)
         return self._loader(split, batch_size or self.eval_batch_size)
 
     def train_dataloader(self) -> TensorLoader:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import matplotlib
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from kd_lightning import config  # registers the ${kd_root:} resolver
 from kd_lightning.checkpoints import load_net
+from kd_lightning.data import KDDataModule
 from kd_lightning.errors import ConfigError, InputError
 from kd_lightning.influence import compare
 from kd_lightning.influence.gradients import GradientEmbedder, RandomProjection, select_parameters
@@ -108,7 +110,7 @@ def check_same_data(teacher_cfg: DictConfig, student_cfg: DictConfig, teacher_ru
 
 
 # ---- the examples ------------------------------------------------------------------------------------------
-def loader_batches(datamodule: Any, split: str, n: int, teacher_logits: Tensor | None = None) -> Batches:
+def loader_batches(datamodule: KDDataModule, split: str, n: int, teacher_logits: Tensor | None = None) -> Batches:
     """The first n examples of `split` in dataset order, unaugmented; targets (labels,) or (labels, teacher logits)
     with `teacher_logits` the whole split's, row i for dataset index i."""
 
@@ -152,8 +154,7 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("test")
-    sizes = {split: len(datamodule.splits[split][1] if isinstance(datamodule.splits[split], tuple)
-                        else datamodule.splits[split]) for split in ("train", "test")}
+    sizes = {split: datamodule.split_size(split) for split in ("train", "test")}
     n_train, n_test = min(cfg.n_train or sizes["train"], sizes["train"]), min(cfg.n_test or sizes["test"], sizes["test"])
     log.info("TracIn over epochs %s of %s (teacher) and %s (student); %d train x %d test examples of %s",
              epochs, teacher_run, student_run, n_train, n_test, datamodule.source)
@@ -236,6 +237,7 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="tracin")
 def main(cfg: DictConfig) -> None:
+    matplotlib.use("Agg")  # figures are written to files; never open a window
     try:
         analyse(cfg)
     except InputError as err:

@@ -5,13 +5,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+from torchmetrics.functional import spearman_corrcoef
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torchmetrics.functional import spearman_corrcoef  # noqa: E402
+from kd_lightning.data import KDDataModule
 
 # direction name -> (how the [N_train, N_test] score matrix is oriented for it, largest scores first?)
 # proponents / opponents: for each test example, the train examples with the highest / lowest scores;
@@ -140,16 +139,9 @@ def plot_self_influence(images: "ImageSource", self_influence: dict[str, Tensor]
 class ImageSource:
     """Displayable images ([n, H, W] or [n, H, W, 3] in [0, 1]) and labels of a datamodule's split by index."""
 
-    def __init__(self, datamodule: Any) -> None:
+    def __init__(self, datamodule: KDDataModule) -> None:
         self.datamodule = datamodule
 
     def __call__(self, split: str, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        data = self.datamodule.splits[split]
-        if isinstance(data, tuple):  # MNIST-like: (uint8 images [N, H, W], labels)
-            images, labels = data
-            idx = torch.as_tensor(list(indices), dtype=torch.long)
-            return images[idx].float() / 255.0, labels[idx]
-        # CIFAR: an IndexedSubset of a torchvision dataset whose `.data` holds uint8 [N, H, W, 3] images
-        raw = [data.dataset.data[data.indices[i]] for i in indices]
-        labels = torch.tensor([data.dataset.targets[data.indices[i]] for i in indices])
-        return torch.stack([torch.as_tensor(r) for r in raw]).float() / 255.0, labels
+        images, labels = self.datamodule.raw_images(split, indices)
+        return images.float() / 255.0, labels

@@ -118,7 +118,7 @@ class RandomProjection:
     The flat part g is mapped to gR/√dim (R: [P, dim], N(0, 1) entries). A factored Linear layer's gradient
     δ ⊗ ã is mapped to (δR₁) ⊙ (ãR₂)/√dim (R₁: [out, dim], R₂: [in+1, dim]): column k of that sketch is the
     projection on r₁ₖ ⊗ r₂ₖ, so the outer product is never formed. The parts are summed. Either way
-    E[⟨P(g), P(g')⟩] = ⟨g, g'⟩, with a relative error that shrinks like 1/√dim (measured in the README).
+    E[⟨P(g), P(g')⟩] = ⟨g, g'⟩, with a relative error that shrinks like 1/√dim (measured in docs/influence.md).
     Memory: 4·dim·(P + Σ(out + in + 1)) bytes of matrices, generated once per layer from `seed` and the name.
     """
 

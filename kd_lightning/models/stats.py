@@ -1,4 +1,4 @@
-"""Size of the CIFAR nets: `python -m kd_lightning.models.stats` prints the Markdown table of README.md.
+"""Size of the CIFAR nets: `python -m kd_lightning.models.stats` prints the Markdown table of docs/cifar.md.
 
 Mult-adds are counted by torch's FlopCounterMode on one 32x32 image: it counts 2 FLOPs per multiply-add of
 convolutions and matrix products (and nothing for batch norm, ReLU or pooling), so mult-adds = FLOPs / 2.

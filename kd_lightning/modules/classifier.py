@@ -77,23 +77,24 @@ class ClassifierModule(pl.LightningModule):
                 "the checkpoints saved so far are kept"
             )
         values = torch.stack([v.detach() for v in terms.values()]) * batch_size
-        acc = self._train_acc  # a plain dict: nn.Module.__setattr__ would cost more than the sums
-        acc["sums"] = values if acc["sums"] is None else acc["sums"] + values
-        acc["count"] += batch_size
-        acc["names"] = list(terms)
+        sums = self._train_sums  # a plain dict: nn.Module.__setattr__ would cost more than the sums
+        sums["sums"] = values if sums["sums"] is None else sums["sums"] + values
+        sums["count"] += batch_size
+        sums["names"] = list(terms)
         trainer = self._trainer  # None when a step is called by hand (tests); `self.trainer` would raise
         if trainer is not None and (self.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
             self.log_dict({f"train/{k}_step": v for k, v in terms.items()}, on_step=True, on_epoch=False,
                           prog_bar=True, batch_size=batch_size)
 
     def on_train_epoch_start(self) -> None:
-        self._train_acc: dict[str, Any] = {"sums": None, "count": 0, "names": []}
+        # The epoch's running sums of the training terms (weighted by batch size), for their epoch means.
+        self._train_sums: dict[str, Any] = {"sums": None, "count": 0, "names": []}
 
     def on_train_epoch_end(self) -> None:
-        acc = self._train_acc
-        if acc["sums"] is not None:
-            means = acc["sums"] / acc["count"]
-            self.log_dict({f"train/{k}": v for k, v in zip(acc["names"], means)}, sync_dist=True)
+        sums = self._train_sums
+        if sums["sums"] is not None:
+            means = sums["sums"] / sums["count"]
+            self.log_dict({f"train/{k}": v for k, v in zip(sums["names"], means)}, sync_dist=True)
 
     def _eval_step(self, stage: str, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         x, y, _ = batch

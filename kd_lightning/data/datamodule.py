@@ -1,0 +1,68 @@
+"""The contract every DataModule of this project keeps, written once.
+
+Callers (train.py, the teacher-logit cache in teacher.py, the influence CLI and its figures) use only what is
+declared here, never how a DataModule stores its examples, so they work on every dataset without branching:
+
+- `name`, `num_classes`, `mean`, `std`: what the dataset is (class attributes);
+- `random_augmentation`: whether training inputs are random views of an example (then the teacher's outputs on
+  training batches cannot be cached; the un-augmented `eval_loader` views always can);
+- `source`: which data `setup()` actually loaded (`mnist`, `mnist-sample-5k`, `cifar10`, ...), recorded with
+  every result;
+- per split (`train`, `val`, `test`): `split_size(split)`, `raw_images(split, indices)` (the stored pixels, for
+  figures and files) and `eval_loader(split)` (the split in dataset order, un-augmented, batches
+  `(inputs, labels, dataset_indices)`);
+- `cache_identity()`: what fixes every split's examples and un-augmented inputs, the key of per-example caches.
+
+How a DataModule stores its splits (`splits`: tensors for MNIST, dataset views for CIFAR) is its own business.
+"""
+
+from collections.abc import Iterable, Sequence
+
+import pytorch_lightning as pl
+from torch import Tensor
+
+SPLITS = ("train", "val", "test")
+
+
+class KDDataModule(pl.LightningDataModule):
+    name: str
+    num_classes: int
+    mean: float | tuple[float, ...]  # per-channel statistics the inputs are standardized with
+    std: float | tuple[float, ...]
+    random_augmentation: bool
+    split_seed: int
+    train_val_split: tuple[float, ...]
+    source: str | None  # set by setup()
+
+    def split_size(self, split: str) -> int:
+        """The number of examples in `split` (after setup)."""
+        raise NotImplementedError
+
+    def raw_images(self, split: str, indices: Iterable[int]) -> tuple[Tensor, Tensor]:
+        """The stored uint8 images ([n, H, W] grey or [n, H, W, 3] colour) and int64 labels of `split`'s examples
+        at `indices` (dataset order, as `eval_loader` batches index them)."""
+        raise NotImplementedError
+
+    def eval_loader(self, split: str, batch_size: int | None = None) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+        """`split` in dataset order, without random augmentation (for teacher-logit caches and influence)."""
+        raise NotImplementedError
+
+    def cache_identity(self) -> dict:
+        """What fixes every split's examples and un-augmented inputs: the key of caches of per-example outputs."""
+        return {
+            "datamodule": type(self).__name__,
+            "source": self.source,
+            "split_seed": self.split_seed,
+            "train_val_split": list(self.train_val_split),
+            "normalize": [_as_json(self.mean), _as_json(self.std)],
+            "sizes": {split: self.split_size(split) for split in SPLITS},
+        }
+
+    @staticmethod
+    def check_split(split: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not a split; expected one of {SPLITS}")
+
+
+def _as_json(value: float | Sequence[float]) -> float | list[float]:
+    return value if isinstance(value, float) else list(value)
