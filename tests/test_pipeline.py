@@ -16,7 +16,7 @@ import yaml
 from filelock import FileLock
 from omegaconf import DictConfig
 
-from conftest import run_script
+from helpers import run_script
 from kd_lightning.config import PACKAGE_DIR, compose_train_config, is_distillation
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import get_loss_group

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import ROOT, run_script
+from helpers import ROOT, run_script
 from kd_lightning.checkpoints import AtomicCheckpointIO, atomic_torch_save, intact_checkpoint
 from kd_lightning.config import CONF_DIR, compose_train_config
 from kd_lightning.errors import CheckpointError, ConfigError, DataError, Interrupted
