@@ -29,7 +29,7 @@ from kd_lightning.models import MLP
 from kd_lightning.report import load_results
 from kd_lightning.run_dir import CheckResumeDir, run_name, this_run_name
 from kd_lightning.sweeps import SweepGuard, run_sweep_job
-from kd_lightning.train import build, resume_config, train
+from kd_lightning.train import resume_config, train
 
 OFFLINE = ["data.download=false", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null"]
 
@@ -231,7 +231,7 @@ def test_split_without_a_batch_is_refused_before_training(tmp_path: Path, split:
     cfg = compose_train_config(["experiment=soft", f"data.train_val_split={fractions}", *OFFLINE,
                                 f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError) as err:
-        build(cfg)
+        train(cfg)
     message = str(err.value)
     assert "\n" not in message and message.startswith("data.train_val_split=")
     assert f"leaves the {split} split without a single batch" in message
