@@ -51,6 +51,7 @@ class CIFARDataModule(KDDataModule):
     dataset_cls: type[datasets.CIFAR10] = datasets.CIFAR10
     name = "cifar10"
     num_classes = 10
+    input_shape = (3, 32, 32)
     # Per-channel mean and std of the official training set's pixels, scaled to [0, 1].
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)

@@ -3,7 +3,8 @@
 Callers (train.py, the teacher-logit cache in teacher.py, the influence CLI and its figures) use only what is
 declared here, never how a DataModule stores its examples, so they work on every dataset without branching:
 
-- `name`, `num_classes`, `mean`, `std`: what the dataset is (class attributes);
+- `name`, `num_classes`, `input_shape` (one example's tensor shape, C×H×W), `mean`, `std`: what the dataset is
+  (class attributes; eval.py checks a checkpoint's net against `input_shape` and `num_classes`);
 - `random_augmentation`: whether training inputs are random views of an example (then the teacher's outputs on
   training batches cannot be cached; the un-augmented `eval_loader` views always can);
 - `source`: which data `setup()` actually loaded (`mnist`, `mnist-sample-5k`, `cifar10`, ...), recorded with
@@ -27,6 +28,7 @@ SPLITS = ("train", "val", "test")
 class KDDataModule(pl.LightningDataModule):
     name: str
     num_classes: int
+    input_shape: tuple[int, ...]
     mean: float | tuple[float, ...]  # per-channel statistics the inputs are standardized with
     std: float | tuple[float, ...]
     random_augmentation: bool

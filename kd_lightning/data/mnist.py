@@ -34,6 +34,7 @@ class MNISTDataModule(KDDataModule):
     name = "mnist"
     mean, std = 0.1307, 0.3081
     num_classes = 10
+    input_shape = (1, 28, 28)
     has_sample_fallback = True
     random_augmentation = False  # training inputs are a fixed function of the example (teacher logits cacheable)
 
