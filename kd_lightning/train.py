@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import config  # also registers the ${kd_root:} and ${kd_if_null:} resolvers
+from kd_lightning.card import write_card
 from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.errors import ConfigError, InputError, NonFiniteLossError
 from kd_lightning.modules import DistillModule
@@ -117,6 +118,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             lg.finalize("success")  # test() already closed the writer; this flushes the new records
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        if is_distillation(cfg):
+            write_card(output_dir, cfg)  # MODEL_CARD.md, card.png: teacher vs student, no latency (docs/export.md)
         print_summary(cfg, result)
     return result
 
