@@ -44,14 +44,15 @@ MIN_BLOCKS = 5  # latency measurements (each a block of calls) behind a median a
 
 # ---- what each net does on the test split -----------------------------------------------------------------
 @torch.inference_mode()
-def test_logits(net: nn.Module, datamodule: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits, labels and inputs of the whole test split, in dataset order."""
-    net.eval()
+def test_logits(net: nn.Module, datamodule: Any, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+    """Logits, labels and inputs of the whole test split, in dataset order, on the CPU (the net runs on `device`)."""
+    net.eval().to(device)
     xs, ys, outs = [], [], []
     for x, y, _ in datamodule.eval_loader("test"):
         xs.append(x.cpu())
         ys.append(y.cpu())
-        outs.append(net(x.cpu()).float())
+        outs.append(net(x.to(device)).float().cpu())
+    net.cpu()
     return torch.cat(outs), torch.cat(ys), torch.cat(xs)
 
 
@@ -180,11 +181,12 @@ class Side:
 
 
 def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bool = False,
-               threads: int | None = None, min_run_time: float = 1.0) -> dict[str, Any]:
+               threads: int | None = None, min_run_time: float = 1.0, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Write MODEL_CARD.md and card.png into the distillation run `run_dir`; return the card's numbers.
 
     `cfg` defaults to the run's saved config; its data is instantiated afresh (a training run's datamodule may be
-    sharded over DDP ranks). `timing` adds the ONNX sizes and the CPU latencies (`threads`: default torch's).
+    sharded over DDP ranks). The test split runs on `device` (a training run's: a CIFAR teacher is slow on a CPU).
+    `timing` adds the ONNX sizes and the CPU latencies (`threads`: default torch's).
     """
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else run_config(run_dir)
@@ -203,7 +205,7 @@ def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bo
     inputs = labels = None
     for role, ckpt in (("teacher", teacher_ckpt), ("student", student_ckpt)):
         net = load_net(ckpt).eval()
-        logits, labels, inputs = test_logits(net, datamodule)
+        logits, labels, inputs = test_logits(net, datamodule, device)
         side = Side(type(net).__name__, ckpt, sum(p.numel() for p in net.parameters()),
                     mult_adds(net, tuple(inputs.shape[1:])), ckpt.stat().st_size, quality(logits, labels))
         side.quality["logits"] = logits

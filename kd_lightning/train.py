@@ -119,7 +119,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         if is_distillation(cfg):
-            write_card(output_dir, cfg)  # MODEL_CARD.md, card.png: teacher vs student, no latency (docs/export.md)
+            write_card(output_dir, cfg, device=trainer.strategy.root_device)  # MODEL_CARD.md, card.png (docs/export.md)
         print_summary(cfg, result)
     return result
 
