@@ -35,6 +35,8 @@ from kd_lightning.checkpoints import atomic_write, load_net
 from kd_lightning.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
+for name in ("onnxscript", "onnx_ir"):  # the ONNX exporter logs each of its optimization passes at INFO
+    logging.getLogger(name).setLevel(logging.WARNING)
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts.pt", "pt2": ".pt2"}
 DEPLOY_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
@@ -186,7 +188,7 @@ def export_net(net: nn.Module, inputs: Tensor, path: Path, fmt: str, atol: float
 
 def export(cfg: DictConfig) -> list[Check]:
     """Export `cfg.ckpt_path`'s net in each of `cfg.formats`, each verified on the test split of its run's data."""
-    formats = list(cfg.formats)
+    formats = [cfg.formats] if isinstance(cfg.formats, str) else list(cfg.formats or [])  # formats=onnx: one
     if not formats or any(f not in SUFFIXES for f in formats):
         raise ConfigError(f"formats={formats} is not accepted: a non-empty list of {', '.join(SUFFIXES)}")
     if "onnx" in formats:

@@ -83,9 +83,9 @@ def test_entry_point_reads_the_data_of_the_checkpoints_run(tmp_path: Path, capsy
     assert len(lines) == 2 and lines[0].startswith("onnx verified: top-1 equal on") and "mnist-sample-5k" in lines[0]
 
 
-def test_out_dir(tmp_path: Path) -> None:
+def test_out_dir_and_a_single_format(tmp_path: Path) -> None:
     ckpt = save_checkpoint(tmp_path / "a" / "s.ckpt", MLP([16]), MLP_CONFIG)
-    cfg = compose_export(f"ckpt_path={ckpt}", "formats=[torchscript]", f"out_dir={tmp_path / 'out'}",
+    cfg = compose_export(f"ckpt_path={ckpt}", "formats=torchscript", f"out_dir={tmp_path / 'out'}",
                          "data.download=false", "data.data_dir=/nonexistent")
     export(cfg)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["s.ts.pt"]
