@@ -202,19 +202,17 @@ def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bo
     threads = threads or torch.get_num_threads()
 
     sides: dict[str, Side] = {}
-    inputs = labels = None
+    logits: dict[str, Tensor] = {}
     for role, ckpt in (("teacher", teacher_ckpt), ("student", student_ckpt)):
         net = load_net(ckpt).eval()
-        logits, labels, inputs = test_logits(net, datamodule, device)
+        logits[role], labels, inputs = test_logits(net, datamodule, device)
         side = Side(type(net).__name__, ckpt, sum(p.numel() for p in net.parameters()),
-                    mult_adds(net, tuple(inputs.shape[1:])), ckpt.stat().st_size, quality(logits, labels))
-        side.quality["logits"] = logits
+                    mult_adds(net, tuple(inputs.shape[1:])), ckpt.stat().st_size, quality(logits[role], labels))
         if timing:
             side.onnx_bytes = onnx_size(net, inputs)
             side.latency = {b: latency(net, inputs, b, threads, min_run_time) for b in LATENCY_BATCHES}
         sides[role] = side
-    teacher, student = sides["teacher"], sides["student"]
-    agreement = float((student.quality.pop("logits").argmax(1) == teacher.quality.pop("logits").argmax(1)).float().mean())
+    agreement = float((logits["student"].argmax(1) == logits["teacher"].argmax(1)).float().mean())
 
     card = {
         "run_dir": str(run_dir), "data_source": datamodule.source, "n_test": len(labels), "agreement": agreement,
