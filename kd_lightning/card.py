@@ -14,6 +14,7 @@ ONNX export) when it ends, so each job dir of a sweep holds one.
 
 import json
 import logging
+import platform
 import shlex
 import sys
 import tempfile
@@ -106,6 +107,16 @@ def latency(net: nn.Module, example: Tensor, batch_size: int, threads: int, min_
     q1, median, q3 = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
     return {"median_ms": float(median) * 1e3, "iqr_ms": float(q3 - q1) * 1e3, "blocks": len(times),
             "calls_per_block": m.number_per_run}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform reports: latencies mean little without it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def onnx_size(net: nn.Module, inputs: Tensor) -> int:
@@ -216,7 +227,8 @@ def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bo
 
     card = {
         "run_dir": str(run_dir), "data_source": datamodule.source, "n_test": len(labels), "agreement": agreement,
-        "threads": threads if timing else None, "commands": commands(run_dir, cfg, teacher_run),
+        "threads": threads if timing else None, "cpu": cpu_name() if timing else None,
+        "commands": commands(run_dir, cfg, teacher_run),
         **{role: {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()} for role, s in sides.items()},
     }
     atomic_write(run_dir / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(markdown(card)))
@@ -267,7 +279,8 @@ def markdown(card: dict[str, Any]) -> str:
     lines = [
         f"# Model card: {s['net_name']} distilled from {t['net_name']}",
         "",
-        f"Run `{card['run_dir']}`. Test split: {card['n_test']:,} examples of {card['data_source']}.",
+        f"Run `{card['run_dir']}`. Test split: {card['n_test']:,} examples of {card['data_source']}."
+        + (f" Latency measured on {card['cpu']}, {card['threads']} threads." if card["threads"] else ""),
         "",
         "| | teacher | student | student vs teacher |",
         "|---|---:|---:|---:|",
