@@ -122,11 +122,13 @@ def run_torchscript(path: str) -> Callable[[Tensor], Tensor]:
 
 def write_pt2(net: nn.Module, example: Tensor, path: str) -> None:
     program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, path)
+    with open(path, "wb") as f:  # a file object: torch.export checks names for ".pt2", and the temporary one is not
+        torch.export.save(program, f)
 
 
 def run_pt2(path: str) -> Callable[[Tensor], Tensor]:
-    return torch.export.load(path).module()
+    with open(path, "rb") as f:
+        return torch.export.load(f).module()
 
 
 WRITERS = {"onnx": (write_onnx, run_onnx), "torchscript": (write_torchscript, run_torchscript),
