@@ -338,7 +338,7 @@ def plot(card: dict[str, Any]) -> Figure:
         ax = axes[1, col]
         confusion = torch.tensor(q["confusion"], dtype=torch.float)
         rates = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
-        image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
         ax.set(xlabel="predicted class", ylabel="true class", title=f"{role} confusion (row-normalized)")
         if len(rates) <= 20:
             ax.set_xticks(range(len(rates)))

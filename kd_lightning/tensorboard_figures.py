@@ -75,7 +75,7 @@ def confusion_figure(confusion: Tensor) -> Figure:
     n = len(rates)
     fig = Figure(figsize=(0.45 * n + 2.5, 0.45 * n + 1.8) if n <= 20 else (9, 8))
     ax = fig.subplots()
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     if n <= 20:
         ax.set_xticks(range(n))
         ax.set_yticks(range(n))
