@@ -2,7 +2,7 @@
 
 The net alone is exported (a student checkpoint holds no teacher; `load_net` rebuilds the net from the checkpoint),
 in eval mode, with a dynamic batch axis, as
-- onnx: `<ckpt stem>.onnx`, by torch's dynamo-based exporter (the default of `torch.onnx.export` since torch 2.9;
+- onnx: `<ckpt stem>.onnx`, by torch's dynamo-based exporter (`dynamo=True`, the default of `torch.onnx.export` in torch 2.14;
   it needs onnxscript), weights inside the one file;
 - torchscript: `<ckpt stem>.ts.pt`, traced (torch 2.14 deprecates TorchScript, but C++ libtorch and older runtimes
   load it);
