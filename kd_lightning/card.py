@@ -240,6 +240,10 @@ def _size(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
 def _count(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else f"{n:.0f}"
 
@@ -265,7 +269,7 @@ def markdown(card: dict[str, Any]) -> str:
                      f"{s['onnx_bytes'] / t['onnx_bytes']:.3f}×"))
         for b in LATENCY_BATCHES:
             speedup = t["latency"][b]["median_ms"] / s["latency"][b]["median_ms"]
-            rows.append((f"CPU latency, batch {b} ({card['threads']} threads), median", lat(t, b), lat(s, b),
+            rows.append((f"CPU latency, batch {b} ({_threads(card['threads'])}), median", lat(t, b), lat(s, b),
                          f"speed-up {speedup:.1f}×"))
     else:
         rows.append(("ONNX file, CPU latency", not_timed, not_timed, ""))
@@ -280,7 +284,7 @@ def markdown(card: dict[str, Any]) -> str:
         f"# Model card: {s['net_name']} distilled from {t['net_name']}",
         "",
         f"Run `{card['run_dir']}`. Test split: {card['n_test']:,} examples of {card['data_source']}."
-        + (f" Latency measured on {card['cpu']}, {card['threads']} threads." if card["threads"] else ""),
+        + (f" Latency measured on {card['cpu']}, {_threads(card['threads'])}." if card["threads"] else ""),
         "",
         "| | teacher | student | student vs teacher |",
         "|---|---:|---:|---:|",
@@ -300,7 +304,7 @@ def markdown(card: dict[str, Any]) -> str:
         "",
         "## How the numbers are computed",
         "",
-        "Both nets are rebuilt from their checkpoints and run in eval mode on the whole test split (float32, CPU).",
+        "Both nets are rebuilt from their checkpoints and run in eval mode, in float32, on the whole test split.",
         "Accuracy: top-1. NLL: mean cross-entropy of the labels. ECE: torchmetrics' MulticlassCalibrationError "
         f"({ECE_BINS} equal-width confidence bins, l1): the examples' share in each bin times |accuracy - mean "
         "confidence| there, summed. Agreement: share of test examples where both nets predict the same class. "
@@ -351,7 +355,7 @@ def plot(card: dict[str, Any]) -> Figure:
         x = side["latency"][LATENCY_BATCHES[0]]["median_ms"] if timed else side["mult_adds"]
         ax.plot([x], [side["quality"]["acc"]], marker, markersize=10, label=f"{role} ({side['net_name']})")
     ax.set_xscale("log")
-    ax.set(xlabel=f"CPU latency at batch 1, ms ({card['threads']} threads)" if timed
+    ax.set(xlabel=f"CPU latency at batch 1, ms ({_threads(card['threads'])})" if timed
            else "mult-adds per example (latency not measured)", ylabel="test accuracy",
            title="accuracy vs " + ("latency" if timed else "cost"))
     ax.legend(fontsize=8)

@@ -94,4 +94,4 @@ def test_full_card_has_onnx_sizes_and_latencies(soft_run: Path) -> None:
         assert all(m["median_ms"] > 0 and m["iqr_ms"] >= 0 for m in card[role]["latency"].values())
     assert card["teacher"]["onnx_bytes"] > 50 * card["student"]["onnx_bytes"]  # 1.2 M vs 12.7 k parameters
     markdown = (soft_run / "MODEL_CARD.md").read_text()
-    assert "CPU latency, batch 256 (1 threads), median" in markdown and "speed-up" in markdown
+    assert "CPU latency, batch 256 (1 thread), median" in markdown and "speed-up" in markdown
