@@ -355,6 +355,7 @@ def plot(card: dict[str, Any]) -> Figure:
         x = side["latency"][LATENCY_BATCHES[0]]["median_ms"] if timed else side["mult_adds"]
         ax.plot([x], [side["quality"]["acc"]], marker, markersize=10, label=f"{role} ({side['net_name']})")
     ax.set_xscale("log")
+    ax.margins(0.3)  # the two points stay clear of the frame
     ax.set(xlabel=f"CPU latency at batch 1, ms ({_threads(card['threads'])})" if timed
            else "mult-adds per example (latency not measured)", ylabel="test accuracy",
            title="accuracy vs " + ("latency" if timed else "cost"))
@@ -364,7 +365,7 @@ def plot(card: dict[str, Any]) -> Figure:
     for offset, role in ((-0.2, "teacher"), (0.2, "student")):
         ax.bar([c + offset for c in range(n)], card[role]["quality"]["per_class_acc"], width=0.4, label=role)
     ax.set(xlabel="class", ylabel="test accuracy", title="per-class accuracy", ylim=(0, 1.05))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{card['student']['net_name']} distilled from {card['teacher']['net_name']} · {card['data_source']}")
     fig.tight_layout()
     return fig
