@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import config  # also registers the ${kd_root:} and ${kd_if_null:} resolvers
+from kd_lightning.card import write_card
 from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint, load_checkpoint, load_net
 from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError, Interrupted, exit_on_error
@@ -140,7 +141,7 @@ def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpt: Pat
 
 
 def record(cfg: DictConfig, result: dict[str, Any], trainer: pl.Trainer, data_source: str | None) -> None:
-    """metrics.json in the run dir, the HParams of TensorBoard, the console summary."""
+    """metrics.json in the run dir, the HParams of TensorBoard, a distillation run's model card, the console summary."""
     hp_metrics = {
         f"hp/{k.replace('/', '_')}": v
         for k, v in result.items()
@@ -152,6 +153,8 @@ def record(cfg: DictConfig, result: dict[str, Any], trainer: pl.Trainer, data_so
     # The results carry the resolved settings that produced them (read by the sweep report), written atomically.
     settings = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_text(Path(result["output_dir"]) / "metrics.json", json.dumps({**result, "config": settings}, indent=2))
+    if is_distillation(cfg):  # the cheap model card, teacher vs student (docs/export.md)
+        write_card(Path(result["output_dir"]), cfg, device=trainer.strategy.root_device)
     print_summary(cfg, result)
 
 

@@ -108,8 +108,8 @@ class ClassifierModule(pl.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
 
-    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step("test", batch)
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step("test", batch)  # the logits, for callbacks (TensorBoardFigures)
 
     def configure_optimizers(self) -> Any:
         # The net's parameters only: subclasses may hold other (frozen) modules that must not be optimized.

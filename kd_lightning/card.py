@@ -1,0 +1,387 @@
+"""What distillation bought: `python -m kd_lightning.card student_run=<run dir>` writes MODEL_CARD.md and card.png
+into a distillation run's dir, teacher and student side by side (conf/card.yaml, docs/export.md).
+
+Both nets are rebuilt from their checkpoints (the student's best.ckpt; the teacher named by the run's metrics.json,
+as tracin.py finds it) and run on the whole test split of the run's data. The card holds parameters, mult-adds per
+example, checkpoint and ONNX file sizes, CPU latency at batch 1 and 256 (torch.utils.benchmark: median and IQR,
+threads stated) and the student's speed-up, test accuracy, NLL, expected calibration error, top-1 agreement,
+per-class accuracy, the data source and the command that produced each model. card.png: reliability diagrams,
+confusion matrices, accuracy against latency.
+
+Every distillation run writes the cheap part of the card (`write_card(run_dir, ..., timing=False)`: no latency, no
+ONNX export) when it ends, so each job dir of a sweep holds one.
+"""
+
+import json
+import logging
+import platform
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from matplotlib.figure import Figure  # figures without pyplot, as report.py
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils import benchmark
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
+
+from kd_lightning import config
+from kd_lightning.checkpoints import atomic_write, load_net
+from kd_lightning.errors import InputError
+
+log = logging.getLogger(__name__)
+
+ECE_BINS = 15
+LATENCY_BATCHES = (1, 256)
+MIN_BLOCKS = 5  # latency measurements (each a block of calls) behind a median and an IQR
+
+
+# ---- what each net does on the test split -----------------------------------------------------------------
+@torch.inference_mode()
+def test_logits(net: nn.Module, datamodule: Any, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+    """Logits, labels and inputs of the whole test split, in dataset order, on the CPU (the net runs on `device`)."""
+    net.eval().to(device)
+    xs, ys, outs = [], [], []
+    for x, y, _ in datamodule.eval_loader("test"):
+        xs.append(x.cpu())
+        ys.append(y.cpu())
+        outs.append(net(x.to(device)).float().cpu())
+    net.cpu()
+    return torch.cat(outs), torch.cat(ys), torch.cat(xs)
+
+
+def calibration_error(probs: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error: sum over equal-width confidence bins of |accuracy - mean confidence| weighted by
+    the bin's share of examples (torchmetrics, l1 norm)."""
+    metric = MulticlassCalibrationError(probs.shape[1], n_bins=n_bins, norm="l1")
+    return float(metric(probs, labels))
+
+
+def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> dict[str, list[float]]:
+    """Per confidence bin (as the ECE bins them): mean confidence, accuracy and number of examples."""
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).float()
+    bins = torch.clamp((confidence * n_bins).long(), max=n_bins - 1)
+    count = torch.bincount(bins, minlength=n_bins).float()
+    mean = lambda v: (torch.bincount(bins, v, minlength=n_bins) / count.clamp(min=1)).tolist()  # noqa: E731
+    return {"confidence": mean(confidence), "accuracy": mean(correct), "count": count.tolist()}
+
+
+def quality(logits: Tensor, labels: Tensor) -> dict[str, Any]:
+    num_classes = logits.shape[1]
+    probs = logits.softmax(1)
+    return {
+        "acc": float(MulticlassAccuracy(num_classes, average="micro")(logits, labels)),
+        "nll": float(F.cross_entropy(logits, labels)),
+        "ece": calibration_error(probs, labels),
+        "per_class_acc": MulticlassAccuracy(num_classes, average=None)(logits, labels).tolist(),
+        "class_counts": torch.bincount(labels, minlength=num_classes).tolist(),
+        "confusion": MulticlassConfusionMatrix(num_classes)(logits, labels).tolist(),
+        "reliability": reliability_bins(probs, labels),
+    }
+
+
+def mult_adds(net: nn.Module, input_shape: tuple[int, ...]) -> int:
+    from kd_lightning.models.stats import mult_adds as count  # imports train.py, which imports this module
+
+    return count(net, input_shape)
+
+
+def latency(net: nn.Module, example: Tensor, batch_size: int, threads: int, min_run_time: float) -> dict[str, float]:
+    """Milliseconds per forward pass at `batch_size` on the CPU: median and interquartile range of torch.utils.benchmark's
+    blocked measurements (each block averages its calls), over at least MIN_BLOCKS blocks."""
+    x = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
+    timer = benchmark.Timer(stmt="forward(x)", globals={"forward": torch.inference_mode()(net.eval()), "x": x},
+                            num_threads=threads)
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    times = list(m.times)
+    while len(times) < MIN_BLOCKS:  # a slow net fills min_run_time with too few blocks for a spread
+        times += timer.timeit(m.number_per_run).times
+    q1, median, q3 = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return {"median_ms": float(median) * 1e3, "iqr_ms": float(q3 - q1) * 1e3, "blocks": len(times),
+            "calls_per_block": m.number_per_run}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform reports: latencies mean little without it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def onnx_size(net: nn.Module, inputs: Tensor) -> int:
+    """Bytes of the net's ONNX file, written (and verified, see export.py) into a temporary dir."""
+    from kd_lightning.export import export_net
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "net.onnx"
+        export_net(net, inputs, path, "onnx")
+        return path.stat().st_size
+
+
+# ---- the two runs -----------------------------------------------------------------------------------------
+def run_config(run_dir: Path) -> DictConfig:
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise InputError(f"{run_dir} has no .hydra/config.yaml: pass a train.py run dir (logs/train/runs/<time>)")
+    cfg = OmegaConf.load(saved)
+    cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+def recorded_overrides(run_dir: Path | None) -> list[str] | None:
+    path = run_dir / ".hydra" / "overrides.yaml" if run_dir else None
+    return list(OmegaConf.load(path)) if path and path.is_file() else None
+
+
+def commands(run_dir: Path, cfg: DictConfig, teacher_run: Path | None) -> dict[str, str]:
+    """The command that produced each model: the run's recorded overrides; for a teacher trained and cached by the
+    student's run (its run dir records a config, not a command line), the equivalent command of that recipe."""
+    student = recorded_overrides(run_dir)
+    result = {"student": "python train.py " + shlex.join(student) if student is not None
+              else "not recorded (the run was not started from the command line)"}
+    teacher = recorded_overrides(teacher_run)
+    if teacher is not None:
+        result["teacher"] = "python train.py " + shlex.join(teacher)
+    elif cfg.teacher.get("ckpt_path"):
+        result["teacher"] = f"given as teacher.ckpt_path={cfg.teacher.ckpt_path} (no run record found)"
+    else:  # compose_teacher_config: the teacher experiment on the student's data, paths and trainer
+        inherited = [o for o in student or [] if o.startswith(("data=", "data.", "paths.", "trainer="))]
+        result["teacher"] = ("python train.py " + shlex.join([f"experiment={cfg.teacher.experiment}",
+                                                             *cfg.teacher.overrides, *inherited])
+                             + "  (trained and cached by the student's run; the equivalent command)")
+    return result
+
+
+def find_teacher(run_dir: Path, metrics: dict[str, Any]) -> tuple[Path, Path | None]:
+    """The teacher checkpoint named by the student's metrics.json and its run dir (None if not found)."""
+    from kd_lightning.influence.cli import teacher_run_of  # as tracin.py finds it
+
+    if not metrics.get("teacher_ckpt"):
+        raise InputError(f"student_run={run_dir} names no teacher (no teacher_ckpt in its metrics.json): "
+                         "pass a distillation run dir")
+    try:
+        return Path(metrics["teacher_ckpt"]), teacher_run_of(run_dir)
+    except InputError:
+        return Path(metrics["teacher_ckpt"]), None
+
+
+# ---- the card ---------------------------------------------------------------------------------------------
+@dataclass
+class Side:
+    """One model's column of the card."""
+
+    net_name: str
+    ckpt: Path
+    params: int
+    mult_adds: int
+    ckpt_bytes: int
+    quality: dict[str, Any]
+    onnx_bytes: int | None = None
+    latency: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bool = False,
+               threads: int | None = None, min_run_time: float = 1.0, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Write MODEL_CARD.md and card.png into the distillation run `run_dir`; return the card's numbers.
+
+    `cfg` defaults to the run's saved config; its data is instantiated afresh (a training run's datamodule may be
+    sharded over DDP ranks). The test split runs on `device` (a training run's: a CIFAR teacher is slow on a CPU).
+    `timing` adds the ONNX sizes and the CPU latencies (`threads`: default torch's).
+    """
+    run_dir = Path(run_dir)
+    cfg = cfg if cfg is not None else run_config(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise InputError(f"student_run={run_dir} has no metrics.json: pass the dir of a finished train.py run")
+    metrics = json.loads(metrics_path.read_text())
+    teacher_ckpt, teacher_run = find_teacher(run_dir, metrics)
+    student_ckpt = Path(metrics["best_ckpt"])
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    threads = threads or torch.get_num_threads()
+
+    sides: dict[str, Side] = {}
+    logits: dict[str, Tensor] = {}
+    for role, ckpt in (("teacher", teacher_ckpt), ("student", student_ckpt)):
+        net = load_net(ckpt).eval()
+        logits[role], labels, inputs = test_logits(net, datamodule, device)
+        side = Side(type(net).__name__, ckpt, sum(p.numel() for p in net.parameters()),
+                    mult_adds(net, tuple(inputs.shape[1:])), ckpt.stat().st_size, quality(logits[role], labels))
+        if timing:
+            side.onnx_bytes = onnx_size(net, inputs)
+            side.latency = {b: latency(net, inputs, b, threads, min_run_time) for b in LATENCY_BATCHES}
+        sides[role] = side
+    agreement = float((logits["student"].argmax(1) == logits["teacher"].argmax(1)).float().mean())
+
+    card = {
+        "run_dir": str(run_dir), "data_source": datamodule.source, "n_test": len(labels), "agreement": agreement,
+        "threads": threads if timing else None, "cpu": cpu_name() if timing else None,
+        "commands": commands(run_dir, cfg, teacher_run),
+        **{role: {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()} for role, s in sides.items()},
+    }
+    atomic_write(run_dir / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(markdown(card)))
+    atomic_write(run_dir / "card.png", lambda tmp: plot(card).savefig(tmp, dpi=110, format="png"))
+    return card
+
+
+def _size(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else f"{n:.0f}"
+
+
+def markdown(card: dict[str, Any]) -> str:
+    t, s = card["teacher"], card["student"]
+    tq, sq = t["quality"], s["quality"]
+    not_timed = "not measured (`python -m kd_lightning.card student_run=<this dir>`)"
+
+    def lat(side: dict, b: int) -> str:
+        m = side["latency"].get(b)
+        return f"{m['median_ms']:.3f} ms (IQR {m['iqr_ms']:.3f})" if m else "-"
+
+    rows = [
+        ("net", t["net_name"], s["net_name"], ""),
+        ("parameters", f"{t['params']:,}", f"{s['params']:,}", f"{s['params'] / t['params']:.3f}×"),
+        ("mult-adds per example", _count(t["mult_adds"]), _count(s["mult_adds"]),
+         f"{s['mult_adds'] / t['mult_adds']:.3f}×"),
+        ("checkpoint file", _size(t["ckpt_bytes"]), _size(s["ckpt_bytes"]), f"{s['ckpt_bytes'] / t['ckpt_bytes']:.3f}×"),
+    ]
+    if card["threads"]:
+        rows.append(("ONNX file", _size(t["onnx_bytes"]), _size(s["onnx_bytes"]),
+                     f"{s['onnx_bytes'] / t['onnx_bytes']:.3f}×"))
+        for b in LATENCY_BATCHES:
+            speedup = t["latency"][b]["median_ms"] / s["latency"][b]["median_ms"]
+            rows.append((f"CPU latency, batch {b} ({_threads(card['threads'])}), median", lat(t, b), lat(s, b),
+                         f"speed-up {speedup:.1f}×"))
+    else:
+        rows.append(("ONNX file, CPU latency", not_timed, not_timed, ""))
+    rows += [
+        ("test accuracy", f"{tq['acc']:.4f}", f"{sq['acc']:.4f}", f"{sq['acc'] - tq['acc']:+.4f}"),
+        ("test NLL (cross-entropy)", f"{tq['nll']:.4f}", f"{sq['nll']:.4f}", f"{sq['nll'] - tq['nll']:+.4f}"),
+        (f"expected calibration error ({ECE_BINS} bins, l1)", f"{tq['ece']:.4f}", f"{sq['ece']:.4f}",
+         f"{sq['ece'] - tq['ece']:+.4f}"),
+        ("top-1 agreement with the teacher", "", f"{card['agreement']:.4f}", ""),
+    ]
+    lines = [
+        f"# Model card: {s['net_name']} distilled from {t['net_name']}",
+        "",
+        f"Run `{card['run_dir']}`. Test split: {card['n_test']:,} examples of {card['data_source']}."
+        + (f" Latency measured on {card['cpu']}, {_threads(card['threads'])}." if card["threads"] else ""),
+        "",
+        "| | teacher | student | student vs teacher |",
+        "|---|---:|---:|---:|",
+        *[f"| {' | '.join(r)} |" for r in rows],
+        "",
+        "## Per-class test accuracy",
+        "",
+        "| class | examples | teacher | student |",
+        "|---:|---:|---:|---:|",
+        *[f"| {c} | {n} | {a:.4f} | {b:.4f} |" for c, (n, a, b) in
+          enumerate(zip(tq["class_counts"], tq["per_class_acc"], sq["per_class_acc"]))],
+        "",
+        "## How each model was made",
+        "",
+        f"- teacher: `{card['commands']['teacher']}`; checkpoint `{t['ckpt']}`",
+        f"- student: `{card['commands']['student']}`; checkpoint `{s['ckpt']}`",
+        "",
+        "## How the numbers are computed",
+        "",
+        "Both nets are rebuilt from their checkpoints and run in eval mode, in float32, on the whole test split.",
+        "Accuracy: top-1. NLL: mean cross-entropy of the labels. ECE: torchmetrics' MulticlassCalibrationError "
+        f"({ECE_BINS} equal-width confidence bins, l1): the examples' share in each bin times |accuracy - mean "
+        "confidence| there, summed. Agreement: share of test examples where both nets predict the same class. "
+        "Mult-adds: torch's FlopCounterMode on one example (convolutions and matrix products; FLOPs / 2). "
+        "Checkpoint file: the training checkpoint (weights and, for a trained run, the optimizer state). "
+        "ONNX file: the net exported by `python -m kd_lightning.export` and verified. Latency: "
+        "torch.utils.benchmark's blocked_autorange on the PyTorch net (inference mode), median and interquartile "
+        "range over its measurements; speed-up = teacher median / student median. card.png: reliability "
+        "diagrams, confusion matrices, accuracy vs latency.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(card: dict[str, Any]) -> Figure:
+    fig = Figure(figsize=(15, 9.5))
+    axes = fig.subplots(2, 3)
+    for col, role in enumerate(("teacher", "student")):
+        side = card[role]
+        q = side["quality"]
+        bins = q["reliability"]
+        n_bins = len(bins["count"])
+        centers = [(i + 0.5) / n_bins for i in range(n_bins)]
+        ax = axes[0, col]
+        ax.bar(centers, bins["accuracy"], width=1 / n_bins, edgecolor="black", alpha=0.7, label="accuracy")
+        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+        shown = [(c, a) for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["count"]) if n]
+        ax.plot(*zip(*shown), "o", color="tab:red", label="bin: (mean confidence, accuracy)")
+        for center, n in zip(centers, bins["count"]):
+            if n:
+                ax.text(center, 0.01, f"{n:.0f}", ha="center", fontsize=6, rotation=90)  # examples in the bin
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max softmax)", ylabel="accuracy",
+               title=f"{role} ({side['net_name']}): ECE {q['ece']:.4f}")
+        ax.legend(loc="upper left", fontsize=8)
+        ax = axes[1, col]
+        confusion = torch.tensor(q["confusion"], dtype=torch.float)
+        rates = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+        image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+        ax.set(xlabel="predicted class", ylabel="true class", title=f"{role} confusion (row-normalized)")
+        if len(rates) <= 20:
+            ax.set_xticks(range(len(rates)))
+            ax.set_yticks(range(len(rates)))
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    ax = axes[0, 2]
+    timed = bool(card["threads"])
+    for role, marker in (("teacher", "s"), ("student", "o")):
+        side = card[role]
+        x = side["latency"][LATENCY_BATCHES[0]]["median_ms"] if timed else side["mult_adds"]
+        ax.plot([x], [side["quality"]["acc"]], marker, markersize=10, label=f"{role} ({side['net_name']})")
+    ax.set_xscale("log")
+    ax.margins(0.3)  # the two points stay clear of the frame
+    ax.set(xlabel=f"CPU latency at batch 1, ms ({_threads(card['threads'])})" if timed
+           else "mult-adds per example (latency not measured)", ylabel="test accuracy",
+           title="accuracy vs " + ("latency" if timed else "cost"))
+    ax.legend(fontsize=8)
+    ax = axes[1, 2]
+    n = len(card["teacher"]["quality"]["per_class_acc"])
+    for offset, role in ((-0.2, "teacher"), (0.2, "student")):
+        ax.bar([c + offset for c in range(n)], card[role]["quality"]["per_class_acc"], width=0.4, label=role)
+    ax.set(xlabel="class", ylabel="test accuracy", title="per-class accuracy", ylim=(0, 1.05))
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{card['student']['net_name']} distilled from {card['teacher']['net_name']} · {card['data_source']}")
+    fig.tight_layout()
+    return fig
+
+
+@hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="card")
+def main(cfg: DictConfig) -> None:
+    try:
+        card = write_card(Path(cfg.student_run), timing=cfg.timing, threads=cfg.threads,
+                          min_run_time=cfg.min_run_time)
+    except InputError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    print(markdown(card))
+    print(f"Written to {Path(cfg.student_run) / 'MODEL_CARD.md'} and card.png")
+
+
+if __name__ == "__main__":
+    main()

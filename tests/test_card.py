@@ -1,0 +1,97 @@
+"""The model card (teacher vs student) and the TensorBoard pictures of a run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from kd_lightning.card import calibration_error, reliability_bins, write_card
+from kd_lightning.config import compose_train_config
+from kd_lightning.errors import InputError
+from kd_lightning.train import train
+
+TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
+
+
+@pytest.fixture(scope="module")
+def soft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-epoch `experiment=soft` run (and its 1-epoch teacher) on the offline MNIST sample, in-process."""
+    tmp = tmp_path_factory.mktemp("soft")
+    run = tmp / "run"
+    cfg = compose_train_config([
+        "experiment=soft", *TINY, f"paths.log_dir={tmp / 'logs'}", f"paths.output_dir={run}",
+        "paths.data_dir=/nonexistent", "data.download=false", "trainer.enable_progress_bar=false",
+        "callbacks.progress_bar=null", "teacher.overrides=[" + ",".join(f"'{o}'" for o in TINY) + "]",
+    ])
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # as Hydra records a run (the config text reads it)
+    train(cfg)
+    return run
+
+
+def test_card_numbers_equal_the_runs_metrics(soft_run: Path) -> None:
+    metrics = json.loads((soft_run / "metrics.json").read_text())
+    assert (soft_run / "MODEL_CARD.md").is_file() and (soft_run / "card.png").read_bytes()[:4] == b"\x89PNG"
+    card = write_card(soft_run)  # what the run wrote, recomputed here: the same numbers
+    student, teacher = card["student"], card["teacher"]
+    assert card["data_source"] == metrics["data_source"] == "mnist-sample-5k"
+    assert (student["params"], teacher["params"]) == (metrics["params"], metrics["teacher_params"])
+    assert student["quality"]["acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert student["quality"]["nll"] == pytest.approx(metrics["test/loss"], abs=1e-5)
+    assert teacher["quality"]["acc"] == pytest.approx(metrics["test/teacher_acc"], abs=1e-6)
+    assert card["agreement"] == pytest.approx(metrics["test/agreement"], abs=1e-6)
+    assert sum(student["quality"]["class_counts"]) == card["n_test"] == 1000
+    assert student["mult_adds"] == 784 * 16 + 16 * 10  # the MLP's two matrix products
+    markdown = (soft_run / "MODEL_CARD.md").read_text()
+    assert f"| test accuracy | {teacher['quality']['acc']:.4f} | {student['quality']['acc']:.4f} |" in markdown
+    assert "| 9 |" in markdown and "not measured" in markdown  # per-class rows; the cheap card has no latency
+    assert "experiment=teacher" in markdown  # the teacher's equivalent command
+
+
+def test_tensorboard_holds_the_confusion_matrix_config_and_dark_knowledge(soft_run: Path) -> None:
+    events = EventAccumulator(str(soft_run / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"test/confusion_matrix", "distill/dark_knowledge"} <= set(tags["images"])
+    image = events.Images("distill/dark_knowledge")[0]
+    assert image.width > 500 and image.encoded_image_string[:4] == b"\x89PNG"
+    config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "group: soft" in config_text and "${" not in config_text  # resolved
+    teacher_runs = list((soft_run.parent / "logs" / "teachers").glob("*/run"))
+    teacher_events = EventAccumulator(str(teacher_runs[0] / "tensorboard"), size_guidance={"images": 0})
+    teacher_events.Reload()
+    assert teacher_events.Tags()["images"] == ["test/confusion_matrix"]  # no teacher of its own: no dark knowledge
+
+
+def test_ece_equals_the_hand_computed_value() -> None:
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.75, 0.125, 0.125], [0.2, 0.5, 0.3], [0.1, 0.35, 0.55],
+                          [0.88, 0.06, 0.06]])
+    labels = torch.tensor([0, 1, 1, 0, 2])
+    # Bins of width 1/15: 0.9 and 0.88 share bin 13 (accuracy 1/2, mean confidence 0.89); 0.75, 0.5 and 0.55 are
+    # alone in theirs, correct only at 0.5. ECE = (2 * |0.5 - 0.89| + |0 - 0.75| + |1 - 0.5| + |0 - 0.55|) / 5.
+    expected = (2 * 0.39 + 0.75 + 0.5 + 0.55) / 5
+    assert calibration_error(probs, labels) == pytest.approx(expected, abs=1e-6)
+    bins = reliability_bins(probs, labels)  # the diagram's bins give the same number
+    from_bins = sum(n / 5 * abs(a - c) for a, c, n in zip(bins["accuracy"], bins["confidence"], bins["count"]))
+    assert from_bins == pytest.approx(expected, abs=1e-6)
+    assert bins["count"][13] == 2 and bins["accuracy"][13] == 0.5
+
+
+def test_card_of_a_run_without_teacher_is_a_one_line_error(soft_run: Path) -> None:
+    teacher_run = next((soft_run.parent / "logs" / "teachers").glob("*/run"))
+    with pytest.raises(InputError, match=r"names no teacher \(no teacher_ckpt in its metrics.json\)"):
+        write_card(teacher_run)
+
+
+@pytest.mark.slow
+def test_full_card_has_onnx_sizes_and_latencies(soft_run: Path) -> None:
+    card = write_card(soft_run, timing=True, threads=1, min_run_time=0.05)
+    for role in ("teacher", "student"):
+        assert card[role]["onnx_bytes"] > 0 and set(card[role]["latency"]) == {1, 256}
+        assert all(m["median_ms"] > 0 and m["iqr_ms"] >= 0 for m in card[role]["latency"].values())
+    assert card["teacher"]["onnx_bytes"] > 50 * card["student"]["onnx_bytes"]  # 1.2 M vs 12.7 k parameters
+    markdown = (soft_run / "MODEL_CARD.md").read_text()
+    assert "CPU latency, batch 256 (1 thread), median" in markdown and "speed-up" in markdown
