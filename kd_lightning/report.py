@@ -3,8 +3,10 @@ every multirun, see `ReportOnMultirunEnd`).
 
 Writes into the multirun dir:
 - results.csv: one row per job (group, T, alpha, seed, status, best epoch, val/test accuracy and loss, teacher
-  agreement, wall time), from each job's own metrics.json / failed.json, labelled by the config recorded there;
-- results.md: mean ± std over seeds per setting, the best setting (by validation accuracy) marked;
+  agreement, wall time, its model card), from each job's own metrics.json / failed.json, labelled by the config
+  recorded there;
+- results.md: mean ± std over seeds per setting, the best setting (by validation accuracy) marked, links to the
+  jobs' model cards;
 - heatmap.png: mean test accuracy over T × alpha of the hard_soft jobs (when there are any);
 - curves.png: train loss and val loss per epoch for each group, from the jobs' TensorBoard logs.
 Test metrics are those of the checkpoint chosen by validation loss, never of the best test epoch.
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its event reader logs every file it opens
 
 COLUMNS = ["job", "status", "group", "T", "alpha", "seed", "best_epoch", "epochs", "val_acc", "val_loss",
-           "test_acc", "test_loss", "test_agreement", "teacher_acc", "wall_seconds", "error"]
+           "test_acc", "test_loss", "test_agreement", "teacher_acc", "wall_seconds", "card", "error"]
 SETTING = ("group", "T", "alpha")
 
 
@@ -67,6 +69,7 @@ def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
             "T": distill.get("T") if group in ("soft", "hard_soft") else None,  # only where it acts
             "alpha": distill.get("alpha") if group == "hard_soft" else None,
             "seed": config.get("seed"),
+            "card": f"{job.name}/MODEL_CARD.md" if (job / "MODEL_CARD.md").is_file() else None,
         }
         if (job / "metrics.json").is_file():
             m = json.loads((job / "metrics.json").read_text())
@@ -124,6 +127,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                  f"chosen by validation loss. {len(rows) - len(failed)} of {len(rows)} jobs done.")
     for r in failed:
         lines.append(f"- job {r['job']} {r['status']}: {r['error'] or 'no result yet'}")
+    if cards := [f"[job {r['job']}]({r['card']})" for r in rows if r.get("card")]:
+        lines.append("")
+        lines.append("Model cards (teacher vs student): " + " · ".join(cards))
     return "\n".join(lines) + "\n"
 
 
