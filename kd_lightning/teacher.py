@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from kd_lightning.checkpoints import atomic_copy, atomic_torch_save, load_net
 from kd_lightning.config import compose_train_config
+from kd_lightning.launch import is_first_rank, train_in_one_process, wait_for_file
 from kd_lightning.validation import check_num_classes
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def provide_teacher(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, Path]:
     """The teacher net of this run and its checkpoint: `teacher.ckpt_path`, or the cached teacher, trained now
     if it is not cached. The checkpoint must fit the model of the teacher config."""
     tcfg = compose_teacher_config(cfg)
+    train_in_one_process(tcfg.trainer)  # torchrun/srun ranks > 0 wait below: they cannot join a teacher's DDP fit
     check_num_classes(f"teacher model (experiment={cfg.teacher.experiment})", tcfg.model, datamodule)
     if cfg.teacher.ckpt_path:
         ckpt = Path(cfg.teacher.ckpt_path)
@@ -81,6 +83,8 @@ def provide_teacher(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, Path]:
     cache = Path(cfg.paths.cache_dir) / key
     ckpt = cache / "teacher.ckpt"
     cache.parent.mkdir(parents=True, exist_ok=True)
+    if not is_first_rank():  # rank 0 of this job trains or loads it; the file appears atomically
+        return load_net(wait_for_file(ckpt, "the teacher"), tcfg.model), ckpt
     with FileLock(str(cache) + ".lock"):
         if ckpt.is_file():
             log.info("Using the cached teacher %s", ckpt)
