@@ -49,17 +49,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def srun(ntasks: int, *overrides: str, job_id: str = "4242", path: str | None = None,
+def srun(ntasks: int, *overrides: str, nodes: int = 1, job_id: str = "4242", path: str | None = None,
          expect_rc: int = 0) -> list[str]:
-    """Start `ntasks` processes of train.py the way `srun --ntasks-per-node=<ntasks>` does on one node: the
-    variables Lightning's SLURMEnvironment reads (lightning_fabric/plugins/environments/slurm.py). Their outputs."""
-    port = str(free_port())
+    """Start `ntasks` processes of train.py the way `srun` does for `--nodes=<nodes> --ntasks-per-node=<ntasks/nodes>`
+    (here all on this machine): the variables Lightning's SLURMEnvironment reads
+    (lightning_fabric/plugins/environments/slurm.py). The processes' outputs, by rank."""
+    port, per_node = str(free_port()), ntasks // nodes
     procs = []
     for rank in range(ntasks):
-        env = clean_env(SLURM_NTASKS=str(ntasks), SLURM_NTASKS_PER_NODE=str(ntasks), SLURM_NNODES="1",
-                        SLURM_NODEID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_JOB_ID=job_id,
-                        SLURM_JOB_NAME="kd-test", SLURM_NODELIST="localhost", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=port)
+        env = clean_env(SLURM_NTASKS=str(ntasks), SLURM_NTASKS_PER_NODE=str(per_node), SLURM_NNODES=str(nodes),
+                        SLURM_NODEID=str(rank // per_node), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank % per_node),
+                        SLURM_JOB_ID=job_id, SLURM_JOB_NAME="kd-test", SLURM_NODELIST="localhost",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         if path:
             env["PATH"] = path
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=env,
@@ -136,9 +137,12 @@ def test_torchrun_matches_ddp_cpu(work: Path, torchrun_run: tuple[Path, list[str
 
 
 @pytest.mark.slow
-def test_slurm_ranks_share_one_run_dir_and_match_ddp_cpu(work: Path, reference: dict) -> None:
+def test_multi_node_slurm_job_shares_one_run_dir_and_matches_ddp_cpu(work: Path, reference: dict) -> None:
+    """Two nodes of one task each (srun --nodes=2 --ntasks-per-node=1), as `trainer.num_nodes=2`: the
+    multi-node command of docs/cluster.md in CPU form. (1 node x 2 tasks: the pre-emption test below.)"""
     run_dir = work / "slurm"
-    rank0, rank1 = srun(2, *STUDENT, *offline(work), "trainer=ddp_cpu_external", f"hydra.run.dir={run_dir}")
+    rank0, rank1 = srun(2, *STUDENT, *offline(work), "trainer=ddp_cpu_external", "trainer.devices=1",
+                        "trainer.num_nodes=2", f"hydra.run.dir={run_dir}", nodes=2)
     assert_same_result(metrics_of(run_dir), reference)
     assert_written_once(run_dir)
     assert [p.name for p in work.iterdir() if p.name.startswith("slurm")] == ["slurm"]  # no per-rank run dirs
@@ -244,9 +248,9 @@ def test_one_rank_of_one_job_trains_the_teacher(tmp_path: Path) -> None:
         assert all(torch.equal(weights[k], loaded[0][k]) for k in loaded[0])
 
 
-def test_spawned_ranks_number_themselves_inside_slurm_and_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    """trainer=ddp_cpu/ddp_spawn start their ranks themselves: inside a SLURM task or under torchrun they must
-    not take their rank from SLURM_PROCID/RANK (every spawned process would claim the task's rank)."""
+def test_spawned_ranks_number_themselves_inside_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer=ddp_cpu/ddp_spawn start their ranks themselves: inside a SLURM task (or under torchrun) they must
+    not take their rank from SLURM_PROCID (RANK): every spawned process would claim the task's rank."""
     from lightning_fabric.plugins.environments import LightningEnvironment
 
     monkeypatch.setenv("SLURM_NTASKS", "1")
@@ -256,9 +260,9 @@ def test_spawned_ranks_number_themselves_inside_slurm_and_torchrun(monkeypatch: 
     monkeypatch.setenv("SLURM_JOB_NAME", "kd-test")
     for choice in ("ddp_cpu", "ddp_spawn"):
         cfg = compose_train_config([f"trainer={choice}", "trainer.accelerator=cpu", "trainer.devices=2",
-                                    "++trainer.precision=32-true"])
+                                    "++trainer.precision=32-true", f"paths.output_dir={tmp_path}"])
         trainer = instantiate(cfg.trainer, logger=False)
         assert isinstance(trainer.strategy.cluster_environment, LightningEnvironment), choice
     # Without the plugin Lightning would take SLURM's: the hazard the configs avoid.
-    cfg = compose_train_config(["trainer=ddp_cpu_external"])
+    cfg = compose_train_config(["trainer=ddp_cpu_external", f"paths.output_dir={tmp_path}"])
     assert type(instantiate(cfg.trainer, logger=False).strategy.cluster_environment).__name__ == "SLURMEnvironment"
