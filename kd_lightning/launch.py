@@ -14,9 +14,13 @@ import os
 import time
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.strategies import StrategyRegistry
+
+from kd_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +28,7 @@ log = logging.getLogger(__name__)
 def is_first_rank() -> bool:
     """False in the ranks > 0 of a job whose ranks were started outside it, True everywhere else. Read from the
     launcher's variables, in the order Lightning picks its cluster environment (accelerator_connector.py)."""
-    if TorchElasticEnvironment.detect():  # torchrun
+    if TorchElasticEnvironment.detect():  # torchrun (checked first, as Lightning does: it may run inside SLURM)
         return int(os.environ["RANK"]) == 0
     if SLURMEnvironment.detect():  # srun (not SLURM_JOB_NAME=bash/interactive)
         return int(os.environ["SLURM_PROCID"]) == 0
@@ -39,6 +43,25 @@ def starts_ranks_outside(trainer_cfg: DictConfig) -> bool:
     if not isinstance(strategy, str) or strategy not in StrategyRegistry:
         return False
     return StrategyRegistry[strategy]["init_params"].get("start_method") == "popen"
+
+
+def started_externally() -> bool:
+    """Whether torchrun or srun started this process (Lightning's TorchElastic/SLURM environments)."""
+    return TorchElasticEnvironment.detect() or SLURMEnvironment.detect()
+
+
+def check_launch(trainer_cfg: DictConfig) -> None:
+    """A multi-device `ddp` trainer in a sweep job that neither torchrun nor srun started would have Lightning
+    re-run this process's command line once per further device: the whole `-m` sweep (or submitit's worker)."""
+    if not starts_ranks_outside(trainer_cfg) or started_externally():
+        return
+    if str(trainer_cfg.get("devices", 1)) == "1" and str(trainer_cfg.get("num_nodes", 1)) == "1":
+        return
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError(
+            f"trainer.strategy={trainer_cfg.strategy} is not accepted in a -m sweep whose jobs torchrun/srun did not "
+            "start (Lightning would re-run the sweep command per device): use trainer=ddp_spawn (or ddp_cpu)"
+        )
 
 
 def train_in_one_process(trainer_cfg: DictConfig) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.launch import check_launch
 from kd_lightning.losses import LOSS_GROUPS
 
 
@@ -51,6 +52,7 @@ def validate_config(cfg: DictConfig) -> None:
         _is_positive_int(max_epochs) or (max_epochs == -1 and _is_positive_int(max_steps)),
         "trainer.max_epochs", max_epochs, "a positive integer (or -1 with a positive trainer.max_steps)",
     )
+    check_launch(trainer)
 
 
 def check_num_classes(what: str, model_cfg: DictConfig, datamodule: Any) -> None:

@@ -266,3 +266,26 @@ def test_spawned_ranks_number_themselves_inside_slurm(tmp_path: Path, monkeypatc
     # Without the plugin Lightning would take SLURM's: the hazard the configs avoid.
     cfg = compose_train_config(["trainer=ddp_cpu_external", f"paths.output_dir={tmp_path}"])
     assert type(instantiate(cfg.trainer, logger=False).strategy.cluster_environment).__name__ == "SLURMEnvironment"
+
+
+def test_ddp_in_a_sweep_job_not_started_by_torchrun_or_srun_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning would re-run such a job's command line (the whole -m sweep) once per further device."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from kd_lightning.config import CONF_DIR
+    from kd_lightning.errors import ConfigError
+    from kd_lightning.launch import check_launch
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", ["trainer=ddp_cpu_external", "hydra.mode=MULTIRUN"], return_hydra_config=True)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # restored after the test
+    HydraConfig.instance().set_config(cfg)
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=r"^trainer.strategy=ddp is not accepted in a -m sweep .*trainer=ddp_spawn"):
+        check_launch(cfg.trainer)
+    check_launch(OmegaConf.merge(cfg.trainer, {"devices": 1}))  # one device: nothing to re-run
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # started by srun (a submitit SLURM job): the ranks exist already
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    check_launch(cfg.trainer)
