@@ -110,7 +110,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: DDP broadcasts the cached logits (module buffers), which inference tensors refuse
 def compute_teacher_logits(teacher: nn.Module, loader: Any, device: str = "cpu") -> Tensor:
     """Logits for every example of `loader`, row i for dataset index i (whatever order the loader uses)."""
     was_training = teacher.training
