@@ -289,3 +289,31 @@ def test_ddp_in_a_sweep_job_not_started_by_torchrun_or_srun_is_refused(monkeypat
     monkeypatch.setenv("SLURM_NTASKS", "2")  # started by srun (a submitit SLURM job): the ranks exist already
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
     check_launch(cfg.trainer)
+
+
+def test_slurm_launcher_asks_for_the_preemption_signal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sbatch script submitit writes from conf/hydra/launcher/slurm.yaml (as the Hydra plugin passes it):
+    one task per GPU, the requeue signal before the time limit, requeues after time-outs allowed."""
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    from kd_lightning.config import CONF_DIR
+
+    (tmp_path / "srun").write_text("#!/bin/sh\n")  # submitit's SLURM executor checks that srun exists
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    # What hydra_submitit_launcher's BaseSubmititLauncher.launch does with them:
+    executor = submitit.AutoExecutor(cluster="slurm", folder=params["submitit_folder"],
+                                     slurm_max_num_timeout=params["max_num_timeout"])
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
+                                  if k not in ("_target_", "submitit_folder", "max_num_timeout")})
+    sbatch = executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
+    for line in ("#SBATCH --signal=USR2@120", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --time=240"):
+        assert line in sbatch.splitlines()
+    assert executor._executor.max_num_timeout == 3
