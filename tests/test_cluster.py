@@ -81,9 +81,10 @@ def assert_same_result(run: dict, reference: dict) -> None:
 
 
 def assert_written_once(run_dir: Path) -> None:
-    """One set of checkpoints and one TensorBoard run, in the shared run dir: rank 0 wrote them."""
+    """One set of checkpoints, and TensorBoard event files of one process, in the shared run dir (rank 0's)."""
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "epoch001.ckpt", "last.ckpt"]
-    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # events.out.tfevents.<t>.<host>.<pid>.<n>
+    assert events and len({e.name.split(".")[-2] for e in events}) == 1
 
 
 def assert_two_ranks(rank0: str, rank1: str) -> None:
