@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from kd_lightning.checkpoints import atomic_copy, atomic_torch_save, atomic_write
 from kd_lightning.config import compose_train_config, is_distillation
+from kd_lightning.launch import train_in_one_process
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def compose_teacher_config(cfg: DictConfig) -> DictConfig:
     loader_settings = {k: v for k, v in recipe_data.items() if k not in DATA_IDENTITY_KEYS and k in cfg.data}
     tcfg.data = OmegaConf.merge(cfg.data, loader_settings)  # `${seed}` and the like resolve in the teacher's config
     tcfg.paths = cfg.paths
+    train_in_one_process(tcfg.trainer)  # torchrun/srun ranks > 0 cannot join a teacher's DDP fit: they wait for it
     return tcfg
 
 
@@ -216,7 +218,7 @@ def file_sha256(path: Path) -> str:
 
 
 # ---- the cache of teacher logits ----------------------------------------------------------------------------
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: DDP broadcasts the cached logits (module buffers), which inference tensors refuse
 def compute_teacher_logits(teacher: nn.Module, loader: Any, device: str = "cpu") -> Tensor:
     """Logits for every example of `loader`, row i for dataset index i (whatever order the loader uses)."""
     was_training = teacher.training

@@ -27,6 +27,7 @@ from kd_lightning.card import write_card
 from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint, load_checkpoint, load_net
 from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError, Interrupted, exit_on_error
+from kd_lightning.launch import is_first_rank, wait_for_file
 from kd_lightning.run_dir import resume_dir_error
 from kd_lightning.summary import hparams_of, print_summary
 from kd_lightning.sweeps import run_sweep_job
@@ -104,6 +105,9 @@ def ensure_teacher(cfg: DictConfig, datamodule: Any) -> Path:
     if cfg.teacher.ckpt_path:
         return Path(cfg.teacher.ckpt_path)
     cache = TeacherCache(cfg.paths.cache_dir, tcfg, datamodule.source)
+    if not is_first_rank():  # ranks started by torchrun/srun: rank 0 trains or verifies it, the others wait
+        wait_for_file(cache.record, "the teacher")  # teacher.json is written last, once teacher.ckpt is in place
+        return cache.ckpt
     with cache.lock():
         if cache.verified():
             log.info("Using the cached teacher %s", cache.ckpt)

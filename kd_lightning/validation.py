@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError
+from kd_lightning.launch import check_launch
 from kd_lightning.losses import LOSS_GROUPS
 
 # The temperatures at which the soft loss T^2 KL(softmax(t/T) || softmax(s/T)) teaches something in float32.
@@ -66,6 +67,7 @@ def validate_config(cfg: DictConfig) -> None:
         _is_positive_int(max_epochs) or (max_epochs == -1 and _is_positive_int(max_steps)),
         "trainer.max_epochs", max_epochs, "a positive integer (or -1 with a positive trainer.max_steps)",
     )
+    check_launch(trainer)
 
 
 def check_num_classes(what: str, model_cfg: DictConfig, datamodule: Any) -> None:

@@ -268,9 +268,11 @@ def test_trainer_configs() -> None:
     assert (gpu.trainer.accelerator, gpu.trainer.devices, gpu.trainer.precision, gpu.trainer.benchmark) == ("gpu", 1, "bf16-mixed", True)
     assert gpu.callbacks.channels_last._target_ == "kd_lightning.callbacks.ChannelsLast"
     assert gpu.callbacks.model_checkpoint is not None and gpu.trainer.max_epochs == cpu.trainer.max_epochs
-    ddp = compose_train_config(["trainer=ddp"])
-    assert (ddp.trainer.strategy, ddp.trainer.sync_batchnorm, ddp.trainer.precision) == ("ddp_spawn", True, "bf16-mixed")
+    ddp = compose_train_config(["trainer=ddp"])  # ranks started by torchrun/srun (docs/cluster.md)
+    assert (ddp.trainer.strategy, ddp.trainer.sync_batchnorm, ddp.trainer.precision) == ("ddp", True, "bf16-mixed")
     assert "channels_last" in ddp.callbacks
+    spawn = compose_train_config(["trainer=ddp_spawn"])  # ranks started by the job
+    assert (spawn.trainer.strategy, spawn.trainer.sync_batchnorm, spawn.trainer.precision) == ("ddp_spawn", True, "bf16-mixed")
 
 
 @pytest.mark.parametrize("name", ["teacher", "hard", "soft", "hard_soft"])

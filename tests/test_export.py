@@ -9,8 +9,8 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import run_script
 from fake_data import write_cifar10
+from helpers import run_script
 from kd_lightning import export as export_mod
 from kd_lightning.config import CONF_DIR
 from kd_lightning.data import CIFAR10DataModule, MNISTDataModule
