@@ -14,15 +14,15 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from filelock import FileLock
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from helpers import run_script
-from kd_lightning.config import PACKAGE_DIR, compose_train_config, is_distillation
+from kd_lightning.config import CONF_DIR, PACKAGE_DIR, compose_train_config, is_distillation
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import get_loss_group
 from kd_lightning.models import MnistCNN
 from kd_lightning.teacher import TeacherCache, compose_teacher_config
-from kd_lightning.train import build, prepare_data, train
+from kd_lightning.train import build, prepare_data, resume_config, train
 from kd_lightning.validation import validate_config
 
 
@@ -90,6 +90,18 @@ def test_teacher_config_has_the_runs_trainer_choice_outside_hydra() -> None:
     tcfg = compose_teacher_config(cfg)
     assert tcfg.trainer.strategy == "ddp_spawn" and tcfg.trainer.devices == 2
     assert tcfg.trainer.max_epochs == 5  # the teacher recipe's length, not the student's command line
+
+
+def test_resume_keeps_the_runs_trainer_choice(tmp_path: Path) -> None:
+    """A resumed run's teacher is composed with the trainer config the run chose (its .hydra/hydra.yaml), not the
+    resume command's default: its saved config still holds the `${hydra:...}` interpolation."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    saved = OmegaConf.load(CONF_DIR / "train.yaml")  # trainer_choice: ${hydra:runtime.choices.trainer}
+    saved.paths = {"output_dir": str(run_dir)}
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save({"hydra": {"runtime": {"choices": {"trainer": "ddp_cpu"}}}}, run_dir / ".hydra" / "hydra.yaml")
+    assert resume_config(run_dir, []).trainer_choice == "ddp_cpu"
 
 
 def test_teacher_shares_only_the_dataset_identity(tmp_path: Path) -> None:
