@@ -225,11 +225,11 @@ def provide_as(rank: int, run_id: str, work: Path, delay: float) -> None:
     torch.save({k: v for k, v in teacher.state_dict().items()}, work / f"loaded-{run_id}-{rank}.pt")
 
 
+@pytest.mark.slow  # 4 spawned processes: about a minute on 2 busy cores
 def test_one_rank_of_one_job_trains_the_teacher(tmp_path: Path) -> None:
     """Two jobs of two ranks each start together on an empty cache, ranks > 0 first: one rank 0 trains the
     teacher, in one process on one device; every other process waits and loads the same weights."""
-    # spawn, not fork: a fork of a process whose torch already ran OpenMP threads deadlocks in its first parallel op
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("spawn")  # not fork: a fork after torch's thread pools started can hang
     starts = [(1, "jobA", 0.0), (1, "jobB", 0.0), (0, "jobA", 0.5), (0, "jobB", 0.5)]
     procs = [context.Process(target=provide_as, args=(rank, job, tmp_path, delay)) for rank, job, delay in starts]
     for p in procs:
