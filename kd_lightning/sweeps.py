@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint
 from kd_lightning.errors import Interrupted
+from kd_lightning.launch import is_first_rank
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ def limit_threads_for_parallel_jobs() -> None:
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(record, indent=2))
+    """The job's records are written by one process: rank 0 when torchrun/srun started several (one per GPU)."""
+    if is_first_rank():
+        atomic_write_text(path, json.dumps(record, indent=2))
 
 
 def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> float | None:
@@ -81,7 +84,8 @@ def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]
         })
         log.error("Job %s failed (%s: %s); the sweep goes on", job_dir.name, type(err).__name__, err)
         return None
-    failure.unlink(missing_ok=True)
+    if is_first_rank():
+        failure.unlink(missing_ok=True)
     write_json(metrics_file, {**result, "overrides": overrides, "config": settings})
     return result.get(cfg.optimized_metric)
 

@@ -313,3 +313,16 @@ def test_slurm_launcher_asks_for_the_preemption_signal(tmp_path: Path, monkeypat
                  "#SBATCH --time=240"):
         assert line in sbatch.splitlines()
     assert executor._executor.max_num_timeout == 3
+
+
+def test_only_rank_0_of_a_torchrun_job_writes_the_sweep_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep job whose ranks torchrun/srun started: every rank runs run_sweep_job, one writes its records."""
+    from kd_lightning.sweeps import write_json
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job1")
+    monkeypatch.setenv("RANK", "1")
+    write_json(tmp_path / "metrics.json", {"rank": 1})
+    assert not (tmp_path / "metrics.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    write_json(tmp_path / "metrics.json", {"rank": 0})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"rank": 0}
