@@ -35,6 +35,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from kd_lightning import config
 from kd_lightning.checkpoints import atomic_write, load_net
 from kd_lightning.errors import InputError
+from kd_lightning.models.stats import mult_adds
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,6 @@ def quality(logits: Tensor, labels: Tensor) -> dict[str, Any]:
         "confusion": MulticlassConfusionMatrix(num_classes)(logits, labels).tolist(),
         "reliability": reliability_bins(probs, labels),
     }
-
-
-def mult_adds(net: nn.Module, input_shape: tuple[int, ...]) -> int:
-    from kd_lightning.models.stats import mult_adds as count  # imports train.py, which imports this module
-
-    return count(net, input_shape)
 
 
 def latency(net: nn.Module, example: Tensor, batch_size: int, threads: int, min_run_time: float) -> dict[str, float]:

@@ -28,6 +28,7 @@ from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint, load_
 from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError, Interrupted, exit_on_error
 from kd_lightning.launch import is_first_rank, wait_for_file
+from kd_lightning.models.stats import count_params
 from kd_lightning.run_dir import resume_dir_error
 from kd_lightning.summary import hparams_of, print_summary
 from kd_lightning.sweeps import run_sweep_job
@@ -35,10 +36,6 @@ from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_te
 from kd_lightning.validation import check_num_classes, check_splits, validate_config
 
 log = logging.getLogger(__name__)
-
-
-def count_params(net: Any) -> int:
-    return sum(p.numel() for p in net.parameters())
 
 
 @dataclass

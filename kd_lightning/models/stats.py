@@ -1,4 +1,4 @@
-"""Size of the CIFAR nets: `python -m kd_lightning.models.stats` prints the Markdown table of docs/cifar.md.
+"""Sizes of nets (parameters, mult-adds); `python -m kd_lightning.models.stats` prints the CIFAR table of docs/cifar.md.
 
 Mult-adds are counted by torch's FlopCounterMode on one 32x32 image: it counts 2 FLOPs per multiply-add of
 convolutions and matrix products (and nothing for batch norm, ReLU or pooling), so mult-adds = FLOPs / 2.
@@ -10,13 +10,16 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from kd_lightning.config import compose_train_config
-from kd_lightning.train import count_params
 
 CIFAR_MODELS = {
     "cifar_resnet34": "teacher: ResNet34",
     "cifar_resnet34_2stage": "student: ResNet34's stem, layer1, layer2",
     "cifar_resnet18": "student: ResNet18",
 }
+
+
+def count_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
 
 
 def mult_adds(net: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)) -> int:
