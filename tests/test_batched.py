@@ -1,0 +1,80 @@
+"""The batched launcher's stacked training equals separate train.py runs, job by job (float64 on the CPU)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from fake_data import write_mnist
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from kd_lightning.batched.groups import group_key, not_batchable
+from kd_lightning.batched.stacked import Job, run_group
+from kd_lightning.checkpoints import load_checkpoint, load_net
+from kd_lightning.config import compose_train_config
+from kd_lightning.models import MnistCNN
+from kd_lightning.train import train
+
+# Different seeds (initial weights, data order), loss groups, T and alpha; a large min_delta makes some stop early.
+JOBS = [
+    ["seed=1", "distill.group=hard_soft", "distill.T=2", "distill.alpha=0.5"],
+    ["seed=2", "distill.group=soft", "distill.T=4"],
+    ["seed=1", "distill.group=hard"],
+    ["seed=3", "distill.group=hard_soft", "distill.T=8", "distill.alpha=0.9"],
+]
+EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def common(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    tmp = tmp_path_factory.mktemp("batched")
+    write_mnist(tmp / "data", n_train=320, n_test=100)
+    teacher = tmp / "teacher.ckpt"
+    torch.manual_seed(0)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in MnistCNN().state_dict().items()},
+                "net_config": {"_target_": "kd_lightning.models.MnistCNN", "num_classes": 10}}, teacher)
+    return [
+        "experiment=hard_soft", f"paths.data_dir={tmp / 'data'}", f"paths.log_dir={tmp / 'logs'}",
+        "data.download=false", "data.batch_size=32", "data.eval_batch_size=30", f"teacher.ckpt_path={teacher}",
+        f"trainer.max_epochs={EPOCHS}", "+trainer.limit_train_batches=5", "+trainer.precision=64-true",
+        "trainer.log_every_n_steps=3", "callbacks.early_stopping.min_delta=0.03", "callbacks.early_stopping.patience=1",
+        "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    ]
+
+
+def config(common: list[str], overrides: list[str], out: Path):
+    return compose_train_config([*common, *overrides, f"paths.output_dir={out}"])
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_batched_jobs_equal_separate_runs(common: list[str], tmp_path: Path) -> None:
+    alone = [train(config(common, o, tmp_path / "alone" / str(i))) for i, o in enumerate(JOBS)]
+    jobs = [Job(config(common, o, tmp_path / "batched" / str(i)), o) for i, o in enumerate(JOBS)]
+    assert len({group_key(j.cfg) for j in jobs}) == 1 and not_batchable(jobs[0].cfg) is None
+    batched = run_group(jobs)
+
+    epochs = [r["epochs"] for r in alone]
+    assert min(epochs) < max(epochs), f"no job stopped before another: {epochs}"  # early stopping is exercised
+    for i, (one, many) in enumerate(zip(alone, batched)):
+        assert many is not None
+        assert set(many) == set(one)
+        for key, value in one.items():
+            if isinstance(value, float) and key not in ("wall_seconds", "seconds_per_epoch"):
+                assert many[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (i, key)
+        assert (many["epochs"], many["best_epoch"]) == (one["epochs"], one["best_epoch"])
+        run_alone, run_batched = tmp_path / "alone" / str(i), tmp_path / "batched" / str(i)
+        curves_alone, curves_batched = scalars(run_alone), scalars(run_batched)
+        assert set(curves_batched) == set(curves_alone)
+        for tag, values in curves_alone.items():  # per-epoch val and train metrics, step losses, lr, test
+            assert curves_batched[tag] == pytest.approx(values, rel=1e-6), (i, tag)
+        names = sorted(p.name for p in (run_alone / "checkpoints").glob("*.ckpt"))
+        assert sorted(p.name for p in (run_batched / "checkpoints").glob("*.ckpt")) == names
+        for name in names:  # final (last), best and periodic weights
+            a, b = load_checkpoint(run_alone / "checkpoints" / name), load_checkpoint(run_batched / "checkpoints" / name)
+            assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"], (i, name)
+            for key, tensor in a["state_dict"].items():
+                torch.testing.assert_close(b["state_dict"][key], tensor, rtol=1e-9, atol=1e-12)
+        load_net(run_batched / "checkpoints" / "best.ckpt")  # what eval.py and tracin.py do
