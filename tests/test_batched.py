@@ -1,5 +1,6 @@
 """The batched launcher's stacked training equals separate train.py runs, job by job (float64 on the CPU)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,35 @@ def test_batched_jobs_equal_separate_runs(common: list[str], tmp_path: Path) -> 
             for key, tensor in a["state_dict"].items():
                 torch.testing.assert_close(b["state_dict"][key], tensor, rtol=1e-9, atol=1e-12)
         load_net(run_batched / "checkpoints" / "best.ckpt")  # what eval.py and tracin.py do
+
+
+def test_a_non_finite_loss_fails_its_own_job_only(common: list[str], tmp_path: Path, monkeypatch) -> None:
+    """A NaN injected into the student with T=4: its job gets failed.json, the others train as without it."""
+    import kd_lightning.batched.stacked as stacked
+
+    overrides = [*common, "trainer.max_epochs=2"]
+    good = [Job(config(overrides, o, tmp_path / "without" / str(i)), o) for i, o in enumerate([JOBS[0], JOBS[2]])]
+    without = run_group(good)
+
+    real_kd_term = stacked.kd_term
+    monkeypatch.setattr(stacked, "kd_term", lambda s, t, T: torch.where(T == 4, torch.nan, real_kd_term(s, t, T)))
+    mixed = [Job(config(overrides, o, tmp_path / "with" / str(i)), o) for i, o in enumerate(JOBS[:3])]
+    with_bad = run_group(mixed)
+    assert with_bad[1] is None
+    failure = json.loads((tmp_path / "with" / "1" / "failed.json").read_text())
+    assert failure["error"].startswith("NonFiniteLossError: non-finite training loss at step 0 (epoch 0)")
+    assert not (tmp_path / "with" / "1" / "metrics.json").exists()
+    for one, other, a, b in ((with_bad[0], without[0], "with/0", "without/0"), (with_bad[2], without[1], "with/2", "without/1")):
+        assert one["test/acc"] == other["test/acc"] and one["best_val_loss"] == other["best_val_loss"]
+        wa = load_checkpoint(tmp_path / a / "checkpoints" / "last.ckpt")["state_dict"]
+        wb = load_checkpoint(tmp_path / b / "checkpoints" / "last.ckpt")["state_dict"]
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_grouping_and_fallback_reasons(common: list[str], tmp_path: Path) -> None:
+    base = config(common, JOBS[0], tmp_path / "a")
+    assert group_key(base) == group_key(config(common, JOBS[1], tmp_path / "b"))  # seed, group, T, alpha
+    assert group_key(base) != group_key(config(common, [*JOBS[0], "data.batch_size=64"], tmp_path / "c"))
+    assert not_batchable(config(common, ["distill.cache_teacher_logits=false"], tmp_path)) == "distill.cache_teacher_logits=false"
+    assert not_batchable(config(common, ["model=mnist_cnn"], tmp_path)) == "the model is not an MLP without dropout"
+    assert not_batchable(config(common, ["+trainer.gradient_clip_val=1.0"], tmp_path)) == "trainer.gradient_clip_val=1.0"

@@ -101,8 +101,6 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
     """Train the jobs together; each job's metrics.json result (None for a failed job, with its failed.json)."""
     started = time.perf_counter()
     cfg = jobs[0].cfg
-    for job in jobs:
-        validate_config(job.cfg)
     dtype = DTYPES[str(cfg.trainer.get("precision", "32-true"))]
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
 
@@ -331,18 +329,32 @@ def finish(s: Student, base: torch.nn.Module, buffer_names: set[str], datamodule
     return result
 
 
+def record_failure(job: Job, err: Exception) -> None:
+    job.dir.mkdir(parents=True, exist_ok=True)
+    (job.dir / "failed.json").write_text(json.dumps({
+        "overrides": job.overrides, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()},
+        indent=2))
+    log.error("Job %s failed (%s: %s); the sweep goes on", job.dir.name, type(err).__name__, err)
+
+
 def run_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
-    """fit_group, with a failure of the whole group (bad data, no teacher) recorded in every job's failed.json."""
-    try:
-        return fit_group(jobs)
-    except Exception as err:  # noqa: BLE001 - as run_sweep_job: a failure is recorded and the sweep goes on
-        for job in jobs:
-            job.dir.mkdir(parents=True, exist_ok=True)
-            (job.dir / "failed.json").write_text(json.dumps({
-                "overrides": job.overrides, "error": f"{type(err).__name__}: {err}",
-                "traceback": traceback.format_exc()}, indent=2))
-        log.error("Batched group of %d jobs failed (%s: %s)", len(jobs), type(err).__name__, err)
-        return [None] * len(jobs)
+    """fit_group on the jobs whose config is valid; a failure (a bad value, bad data, no teacher) is recorded
+    in failed.json of the jobs it concerns, as run_sweep_job records a job's failure."""
+    valid = []
+    for job in jobs:
+        try:
+            validate_config(job.cfg)
+            valid.append(job)
+        except Exception as err:  # noqa: BLE001 - a bad value fails its own job only
+            record_failure(job, err)
+    results: dict[int, dict[str, Any] | None] = {}
+    if valid:
+        try:
+            results = {id(job): r for job, r in zip(valid, fit_group(valid))}
+        except Exception as err:  # noqa: BLE001 - the group's data or teacher failed: every job of it
+            for job in valid:
+                record_failure(job, err)
+    return [results.get(id(job)) for job in jobs]
 
 
 def memory_per_student(cfg: DictConfig) -> int:
