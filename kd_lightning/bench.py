@@ -17,6 +17,8 @@ import argparse
 import contextlib
 import io
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +32,12 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from kd_lightning import config
 from kd_lightning.config import compose_train_config
 from kd_lightning.data.mnist import load_mnist_sample
 from kd_lightning.losses import kd_loss
 from kd_lightning.models import MnistCNN
+from kd_lightning.teacher import cached_teacher_logits, provide_teacher
 from kd_lightning.train import build
 
 BATCH = 64
@@ -112,6 +116,31 @@ class EpochMeter(pl.Callback):
     def samples_per_s(self, train_size: int) -> float:
         epochs = len(self.times) - 2
         return epochs * train_size / (self.times[-1] - self.times[1])
+
+
+def sweep_seconds(launcher: str, overrides: list[str], sweep_dir: Path) -> float:
+    """Wall seconds of `python train.py sweep=t_alpha hydra/launcher=<launcher>` (25 students), as a user runs it."""
+    command = [sys.executable, str(config.PACKAGE_DIR.parent / "train.py"), "sweep=t_alpha", *overrides,
+               f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep_dir}"]
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"the {launcher} sweep failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    failed = list(sweep_dir.glob("*/failed.json"))
+    if failed or len(list(sweep_dir.glob("*/metrics.json"))) != 25:
+        raise SystemExit(f"the {launcher} sweep did not finish its 25 jobs (failed: {failed})")
+    return seconds
+
+
+def warm_teacher_logit_cache(overrides: list[str]) -> None:
+    """Compute the teacher's logits into the cache before timing: both launchers then find them cached."""
+    cfg = compose_train_config(["experiment=hard_soft", *overrides])
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    teacher, ckpt = provide_teacher(cfg, dm)
+    cached_teacher_logits(ckpt, teacher, dm, Path(cfg.paths.cache_dir))
 
 
 def reference_loop(root: Path, steps: int, warmup: int, device: str, teacher_training: bool,
@@ -201,6 +230,8 @@ def main() -> None:
     parser.add_argument("--full-size", action="store_true",
                         help="a full-size fake MNIST (60,000 + 10,000 images: the 5k sample tiled, shifted and noised)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed of the default run (after one warm-up)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time sweep=t_alpha with the basic and the batched launcher, and the default run")
     parser.add_argument("--only", default=None, help=f"comma-separated configurations to run, of: {', '.join(NAMES)}")
     args = parser.parse_args()
     steps, teacher_steps = args.samples // BATCH, args.teacher_samples // BATCH
@@ -247,6 +278,15 @@ def main() -> None:
             "default_live": lambda: default_run_throughput(args.epochs, [*students, *fresh_run_dir()], live_bar=True),
             "default_log": lambda: default_run_throughput(args.epochs, [*students, *fresh_run_dir()], live_bar=False),
         }
+        if args.sweep:  # the sweep as a user runs it: its own process, its dirs in tmp, the teacher's logits cached
+            sweep_overrides = [*common, "model=mlp_784_16_10"]
+            warm_teacher_logit_cache(sweep_overrides)
+            sweeps = iter(range(1_000_000))
+            for launcher in ("basic", "batched"):
+                configurations[f"sweep_{launcher}"] = lambda launcher=launcher: 25 * 3600 / sweep_seconds(
+                    launcher, [o for o in sweep_overrides if not o.startswith("paths.output_dir")],
+                    tmp_path / "sweeps" / f"{launcher}-{next(sweeps)}")
+            args.only = args.only or "soft,default_log,sweep_basic,sweep_batched"
         if args.only:
             configurations = {k: configurations[k] for k in args.only.split(",")}
         # Interleaved repeats, best kept: the least disturbed measurement of each (other processes only slow down).
@@ -256,6 +296,13 @@ def main() -> None:
                 runs[key].append(measure())
         results = {key: max(values) for key, values in runs.items()}
 
+    if "sweep_basic" in results and "sweep_batched" in results:
+        print("\npython train.py sweep=t_alpha (25 jobs, teacher logits cached), jobs per hour, best of "
+              f"{args.repeats}: basic launcher {results['sweep_basic']:,.0f} ({', '.join(f'{v:,.0f}' for v in runs['sweep_basic'])}), "
+              f"batched launcher {results['sweep_batched']:,.0f} ({', '.join(f'{v:,.0f}' for v in runs['sweep_batched'])})")
+        print(f"speed-up batched / basic launcher (target >= 10x on a 2-core CPU): "
+              f"{results['sweep_batched'] / results['sweep_basic']:.1f}x")
+        results = {k: v for k, v in results.items() if not k.startswith("sweep_")}
     print(f"\nTraining throughput on {args.device} ({torch.get_num_threads()} threads), data: {dm.source}, batch {BATCH}, "
           f"student {args.student}")
     print(f"best of {args.repeats} interleaved repeats (all: samples/s per repeat)")

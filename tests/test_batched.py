@@ -112,3 +112,26 @@ def test_grouping_and_fallback_reasons(common: list[str], tmp_path: Path) -> Non
     assert not_batchable(config(common, ["distill.cache_teacher_logits=false"], tmp_path)) == "distill.cache_teacher_logits=false"
     assert not_batchable(config(common, ["model=mnist_cnn"], tmp_path)) == "the model is not an MLP without dropout"
     assert not_batchable(config(common, ["+trainer.gradient_clip_val=1.0"], tmp_path)) == "trainer.gradient_clip_val=1.0"
+
+
+@pytest.mark.slow
+def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path: Path) -> None:
+    """`python train.py -m ... hydra/launcher=batched`: batchable jobs train together, the others (no logit
+    cache) the ordinary way; every job dir as the basic launcher writes it, and the sweep report."""
+    from conftest import run_script
+
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in common if not o.startswith("+trainer.precision")]
+    proc = run_script("train.py", "-m", *overrides, "trainer.max_epochs=2", "hydra/launcher=batched",
+                      f"hydra.sweep.dir={sweep}", "distill.T=2,4", "distill.cache_teacher_logits=true,false")
+    assert "Training jobs [0, 2] together" in proc.stdout + proc.stderr
+    assert "Jobs [1, 3] run one by one (distill.cache_teacher_logits=false)" in proc.stdout + proc.stderr
+    for job in range(4):
+        d = sweep / str(job)
+        assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= {p.name for p in (d / ".hydra").iterdir()}
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert metrics["epochs"] == 2 and metrics["output_dir"] == str(d)
+        assert {"best.ckpt", "last.ckpt", "epoch001.ckpt"} <= {p.name for p in (d / "checkpoints").iterdir()}
+    keys = [set(json.loads((sweep / str(j) / "metrics.json").read_text())) for j in range(4)]
+    assert keys[0] == keys[1] == keys[2] == keys[3]
+    assert (sweep / "results.md").is_file() and (sweep / "curves.png").is_file()
