@@ -64,6 +64,9 @@ def not_batchable(cfg: DictConfig) -> str | None:
     for key, value in OmegaConf.to_container(cfg.trainer, resolve=True).items():
         if key not in TRAINER_KEYS or (TRAINER_KEYS[key] is not None and value not in TRAINER_KEYS[key]):
             return f"trainer.{key}={value}"
-    if extra := set(cfg.get("callbacks") or {}) - CALLBACKS:
+    callbacks = {name for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
+    if extra := callbacks - CALLBACKS:
         return f"callbacks {sorted(extra)}"
+    if missing := {"model_checkpoint", "last_checkpoint"} - callbacks:
+        return f"without callbacks {sorted(missing)}"
     return None

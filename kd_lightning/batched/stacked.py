@@ -148,7 +148,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
             break
         epoch_started = time.perf_counter()
         for s in students:
-            if s.active:
+            if s.active and s.job.cfg.callbacks.get("lr_monitor") is not None:
                 for lg in s.logger:
                     lg.log_metrics({f"lr-{type(optimizer).__name__}": optimizer.param_groups[0]["lr"]}, step=s.steps)
         orders = [torch.randperm(len(images), generator=torch.Generator().manual_seed(int(j.cfg.data.seed) + epoch))
@@ -203,6 +203,10 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
                 s.stop_requested |= should_stop
             if s.stop_requested and epoch + 1 >= int(cfg.trainer.get("min_epochs") or 1):
                 stop(s, params, frozen, i)
+
+        log.info("epoch %d/%d: %d of %d students trained, best val/acc %.4f (%.1f s)", epoch + 1, max_epochs,
+                 sum(active), len(students), max((val[i]["val/acc"] for i in range(len(students)) if active[i]), default=float("nan")),
+                 time.perf_counter() - epoch_started)
 
     return [finish(s, base, set(buffers), datamodule, logits, T[i:i + 1], dtype, teacher, teacher_ckpt,
                    (time.perf_counter() - started) / len(jobs)) for i, s in enumerate(students)]
