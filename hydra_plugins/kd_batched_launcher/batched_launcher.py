@@ -5,7 +5,6 @@ the basic launcher. Hydra finds launchers in the `hydra_plugins` namespace packa
 
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -134,9 +133,6 @@ def prepare_job(cfg: DictConfig) -> Finished | PreparedJob | None:
     checkpoints = job_dir / "checkpoints"
     last = checkpoints / "last.ckpt"
     ordinary = (checkpoints / "interrupted.ckpt").is_file() or (last.is_file() and not written_batched(last))
-    if not ordinary:  # an unfinished batched attempt: its group starts again from the first epoch
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        shutil.rmtree(job_dir / "tensorboard", ignore_errors=True)
     job_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"overrides": overrides}, indent=2))
     cfg = cfg.copy()

@@ -14,8 +14,10 @@ Each student gets what a run of train.py gives it, computed the same way:
 - its TensorBoard run (epoch metrics, HParams) and metrics.json with the keys train.py writes.
 """
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -141,8 +143,24 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
     n_batches = batches_per_epoch(-(-len(images) // batch_size), cfg.trainer.get("limit_train_batches"))
     max_epochs, log_every = int(cfg.trainer.max_epochs), max(int(cfg.trainer.get("log_every_n_steps", 50)), 1)
     train_seconds, val_seconds = 0.0, 0.0
+    state_path, first_epoch = group_state_path(jobs), 0
+    if state_path.is_file():  # an interrupted earlier run of this group: continue after its last finished epoch
+        saved = torch.load(state_path, map_location=device, weights_only=True)
+        first_epoch, (train_seconds, val_seconds) = saved["epoch"] + 1, saved["seconds"]
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved["params"][k])
+                frozen[k].copy_(saved["frozen"][k])
+        optimizer.load_state_dict(saved["optimizer"])
+        for s, st in zip(students, saved["students"]):
+            restore_student(s, st)
+        log.info("Group of %d jobs resumes at epoch %d from %s", len(jobs), first_epoch + 1, state_path)
+    else:  # outputs of an attempt that never finished an epoch (prepare_job sends ordinary runs' dirs elsewhere)
+        for job in jobs:
+            shutil.rmtree(job.dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(job.dir / "tensorboard", ignore_errors=True)
 
-    for epoch in range(max_epochs):
+    for epoch in range(first_epoch, max_epochs):
         active = [s.active for s in students]
         if not any(active):
             break
@@ -204,12 +222,48 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
             if s.stop_requested and epoch + 1 >= int(cfg.trainer.get("min_epochs") or 1):
                 stop(s, params, frozen, i)
 
+        atomic_torch_save({"epoch": epoch, "seconds": (train_seconds, val_seconds), "params": params,
+                           "frozen": frozen, "optimizer": optimizer.state_dict(),
+                           "students": [student_state(s) for s in students]}, state_path)
         log.info("epoch %d/%d: %d of %d students trained, best val/acc %.4f (%.1f s)", epoch + 1, max_epochs,
                  sum(active), len(students), max((val[i]["val/acc"] for i in range(len(students)) if active[i]), default=float("nan")),
                  time.perf_counter() - epoch_started)
 
-    return [finish(s, base, set(buffers), datamodule, logits, T[i:i + 1], dtype, teacher, teacher_ckpt,
-                   (time.perf_counter() - started) / len(jobs)) for i, s in enumerate(students)]
+    results = [finish(s, base, set(buffers), datamodule, logits, T[i:i + 1], dtype, teacher, teacher_ckpt,
+                      (time.perf_counter() - started) / len(jobs)) for i, s in enumerate(students)]
+    state_path.unlink(missing_ok=True)
+    return results
+
+
+# ---- resume: the group's state after each finished epoch, in <sweep dir>/.batched/ ----------------------------
+STUDENT_FIELDS = ("active", "stop_requested", "epochs", "steps", "best_state", "error", "val_metrics")
+
+
+def group_state_path(jobs: list[Job]) -> Path:
+    key = hashlib.sha256(json.dumps([[str(j.dir), j.overrides] for j in jobs]).encode()).hexdigest()[:16]
+    return jobs[0].dir.parent / ".batched" / f"{key}.pt"
+
+
+def student_state(s: Student) -> dict[str, Any]:
+    return {**{f: getattr(s, f) for f in STUDENT_FIELDS}, "best_model_score": s.best.best_model_score,
+            "early_stopping": s.early_stopping.state_dict() if s.early_stopping is not None else None}
+
+
+def restore_student(s: Student, state: dict[str, Any]) -> None:
+    for f in STUDENT_FIELDS:
+        setattr(s, f, state[f])
+    if state["best_model_score"] is not None:
+        set_best(s, state["best_model_score"])
+    s.last.last_model_path = s.last.best_model_path = str(Path(s.last.dirpath) / "last.ckpt")
+    if s.early_stopping is not None:
+        s.early_stopping.load_state_dict(state["early_stopping"])
+
+
+def set_best(s: Student, score: Tensor) -> None:
+    path = str(Path(s.best.dirpath) / "best.ckpt")
+    s.best.best_model_score, s.best.best_model_path = score, path
+    s.best.best_k_models = {path: score}
+    s.best.kth_best_model_path, s.best.kth_value = path, score
 
 
 def stop(s: Student, params: dict[str, Tensor], frozen: dict[str, Tensor], i: int) -> None:
@@ -282,9 +336,7 @@ def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: A
     dirpath = Path(s.best.dirpath)
     paths = {"best": dirpath / "best.ckpt", "last": dirpath / "last.ckpt"}
     if improved:
-        s.best.best_model_score, s.best.best_model_path = score, str(paths["best"])
-        s.best.best_k_models = {str(paths["best"]): score}
-        s.best.kth_best_model_path, s.best.kth_value = str(paths["best"]), score
+        set_best(s, score)
         s.best_state = state
     s.best.current_score = score
     s.last.last_model_path = s.last.best_model_path = str(paths["last"])
