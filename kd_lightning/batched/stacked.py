@@ -198,7 +198,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
                 if active[i]:
                     s.steps += 1
                     if s.steps % log_every == 0:
-                        log_step_terms(s, terms[i], epoch)
+                        log_step_terms(s, terms[i].detach(), epoch)
         train_seconds += time.perf_counter() - epoch_started
 
         val_started = time.perf_counter()
