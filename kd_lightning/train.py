@@ -135,7 +135,7 @@ def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpt: Pat
         module.use_cached_teacher_logits(
             cached_teacher_logits(teacher_ckpt, module.teacher, datamodule, Path(cfg.paths.cache_dir))
         )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [cb for c in (cfg.get("callbacks") or {}).values() if c is not None and (cb := instantiate(c)) is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     return Run(datamodule, module, trainer, teacher_ckpt)

@@ -1,0 +1,1 @@
+"""Many small students of a sweep trained at once (`hydra/launcher=batched`, docs/batched.md)."""

@@ -1,0 +1,428 @@
+"""Many students trained as one: the jobs of a group (same model, data, optimizer, epochs; their own seed, T,
+alpha and loss group) stacked with torch.func and trained in one loop, each written out as a separate run.
+
+Each student gets what a run of train.py gives it, computed the same way:
+- its initial weights: `seed_everything(seed)` and then the model is built, as `build()` does;
+- its data order: the TensorLoader permutation of its own seed and the epoch;
+- its loss: every group is `lerp(hard, soft, w)` with w = alpha (hard_soft), 1 (soft) or 0 (hard): exactly the
+  group's loss, so one vmapped function serves a mix of groups. The teacher's cached logits are shared;
+- its optimizer: one optimizer over the stacked parameters. Adam (and every torch optimizer without
+  cross-parameter terms) is elementwise, so the stacked step is each student's own step;
+- its callbacks, per student: best/last/every-n-epoch checkpoints (Lightning's layout and callback states),
+  early stopping (Lightning's own EarlyStopping decides), a non-finite loss fails that student alone. A stopped
+  or failed student takes no more steps: after each optimizer step its weights are put back;
+- its TensorBoard run (epoch metrics, HParams) and metrics.json with the keys train.py writes.
+"""
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from torch import Tensor
+from torch.func import functional_call, stack_module_state, vmap
+
+from kd_lightning.checkpoints import atomic_torch_save, load_net
+from kd_lightning.losses import kd_term
+from kd_lightning.models.stats import count_params
+from kd_lightning.summary import hparams_of
+from kd_lightning.sweeps import write_json
+from kd_lightning.teacher import cached_teacher_logits, compose_teacher_config
+from kd_lightning.train import ensure_teacher, fit_facts, prepare_data
+from kd_lightning.validation import validate_config
+
+log = logging.getLogger(__name__)
+
+# distill.group -> weight of the soft term in lerp(hard, soft, weight); hard_soft uses distill.alpha
+SOFT_WEIGHT = {"hard": 0.0, "soft": 1.0}
+LOGGED_TERMS = {"hard": ("loss", "hard_loss"), "soft": ("loss", "soft_loss"), "hard_soft": ("loss", "hard_loss", "soft_loss")}
+DTYPES = {"32": torch.float32, "32-true": torch.float32, "64": torch.float64, "64-true": torch.float64}
+
+
+@dataclass
+class Job:
+    """One job of the sweep: its config (paths.output_dir set to its job dir) and the overrides that made it."""
+
+    cfg: DictConfig
+    overrides: list[str]
+    dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dir = Path(self.cfg.paths.output_dir)
+
+    def settings(self) -> dict[str, Any]:
+        """The resolved config recorded with the job's result or failure (the sweep report reads it)."""
+        return OmegaConf.to_container(self.cfg, resolve=True)
+
+
+@dataclass
+class Student:
+    """The per-job state of the loop: callbacks, counters, logger."""
+
+    job: Job
+    best: ModelCheckpoint
+    last: ModelCheckpoint
+    periodic: ModelCheckpoint | None
+    early_stopping: EarlyStopping | None
+    logger: Any
+    active: bool = True
+    stop_requested: bool = False
+    epochs: int = 0
+    steps: int = 0
+    best_state: dict[str, Tensor] | None = None
+    error: str | None = None
+    val_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def unit_weight(cfg: DictConfig) -> float:
+    return SOFT_WEIGHT.get(cfg.distill.group, cfg.distill.alpha)
+
+
+def batches_per_epoch(n_batches: int, limit: Any) -> int:
+    """Lightning's reading of trainer.limit_train_batches: a fraction of the batches or a count."""
+    if limit is None:
+        return n_batches
+    if isinstance(limit, float):
+        return int(n_batches * limit)
+    return min(n_batches, int(limit))
+
+
+def make_student(job: Job) -> Student:
+    callbacks = {name: instantiate(c) for name, c in (job.cfg.get("callbacks") or {}).items()
+                 if c is not None and name in ("model_checkpoint", "last_checkpoint", "periodic_checkpoint", "early_stopping")}
+    loggers = [instantiate(c) for c in (job.cfg.get("logger") or {}).values() if c is not None]
+    return Student(job, callbacks["model_checkpoint"], callbacks["last_checkpoint"],
+                   callbacks.get("periodic_checkpoint"), callbacks.get("early_stopping"), loggers)
+
+
+def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
+    """Train the jobs together; each job's metrics.json result (None for a failed job, with its failed.json)."""
+    started = time.perf_counter()
+    cfg = jobs[0].cfg
+    dtype = DTYPES[str(cfg.trainer.get("precision", "32-true"))]
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+
+    datamodule = prepare_data(cfg)
+    teacher_ckpt = ensure_teacher(cfg, datamodule)  # the same teacher for the group: not a batched key
+    teacher = load_net(teacher_ckpt, compose_teacher_config(cfg).model)
+    logits = {split: t.to(device) for split, t in
+              cached_teacher_logits(teacher_ckpt, teacher, datamodule, Path(cfg.paths.cache_dir)).items()}
+    train_logits = logits.pop("train")  # float32: a single run computes its soft targets from it in float32
+    logits = {split: t.to(dtype) for split, t in logits.items()}
+
+    nets = []
+    for job in jobs:  # as build() does: seed, then construct
+        pl.seed_everything(job.cfg.seed, workers=True)
+        nets.append(instantiate(job.cfg.model).to(device, dtype))
+    net_config = OmegaConf.to_container(cfg.model, resolve=True)
+    params, buffers = stack_module_state(nets)
+    base = nets[0].to("meta")
+    optimizer = instantiate(cfg.module.optimizer)(params=list(params.values()))
+    frozen = {k: v.detach().clone() for k, v in params.items()}  # weights of stopped/failed students
+
+    T = torch.tensor([float(j.cfg.distill.T) for j in jobs], dtype=dtype, device=device)
+    T32 = T.float()[:, None, None]
+    weight = torch.tensor([float(unit_weight(j.cfg)) for j in jobs], dtype=dtype, device=device)
+    students = [make_student(job) for job in jobs]
+
+    def losses(p: dict, b: dict, x: Tensor, y: Tensor, teacher_log_probs: Tensor, t: Tensor, w: Tensor) -> Tensor:
+        student_logits = functional_call(base, (p, b), (x,))
+        hard = F.cross_entropy(student_logits, y)
+        soft = kd_term(student_logits, teacher_log_probs, t)
+        return torch.stack([torch.lerp(hard, soft, w), hard, soft])
+
+    vmapped_losses = vmap(losses)
+    images, labels = (t.to(device) for t in datamodule.splits["train"])
+    batch_size = datamodule.batch_size
+    n_batches = batches_per_epoch(-(-len(images) // batch_size), cfg.trainer.get("limit_train_batches"))
+    max_epochs, log_every = int(cfg.trainer.max_epochs), max(int(cfg.trainer.get("log_every_n_steps", 50)), 1)
+    train_seconds, val_seconds = 0.0, 0.0
+    state_path, first_epoch = group_state_path(jobs), 0
+    if state_path.is_file():  # an interrupted earlier run of this group: continue after its last finished epoch
+        saved = torch.load(state_path, map_location=device, weights_only=True)
+        first_epoch, (train_seconds, val_seconds) = saved["epoch"] + 1, saved["seconds"]
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved["params"][k])
+                frozen[k].copy_(saved["frozen"][k])
+        optimizer.load_state_dict(saved["optimizer"])
+        for s, st in zip(students, saved["students"]):
+            restore_student(s, st)
+        log.info("Group of %d jobs resumes at epoch %d from %s", len(jobs), first_epoch + 1, state_path)
+    else:  # outputs of an attempt that never finished an epoch (prepare_job sends ordinary runs' dirs elsewhere)
+        for job in jobs:
+            shutil.rmtree(job.dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(job.dir / "tensorboard", ignore_errors=True)
+
+    for epoch in range(first_epoch, max_epochs):
+        active = [s.active for s in students]
+        if not any(active):
+            break
+        epoch_started = time.perf_counter()
+        for s in students:
+            if s.active and s.job.cfg.callbacks.get("lr_monitor") is not None:
+                for lg in s.logger:
+                    lg.log_metrics({f"lr-{type(optimizer).__name__}": optimizer.param_groups[0]["lr"]}, step=s.steps)
+        orders = [torch.randperm(len(images), generator=torch.Generator().manual_seed(int(j.cfg.data.seed) + epoch))
+                  .to(device) for j in jobs]
+        sums = torch.zeros(len(jobs), 3, dtype=dtype, device=device)
+        count = 0
+        for b in range(n_batches):
+            idx = torch.stack([o[b * batch_size:(b + 1) * batch_size] for o in orders])  # [students, batch]
+            x = datamodule.normalize(images[idx.flatten()]).to(dtype).unflatten(0, idx.shape)
+            teacher_log_probs = F.log_softmax(train_logits[idx] / T32, dim=-1).to(dtype)
+            optimizer.zero_grad()
+            terms = vmapped_losses(params, buffers, x, labels[idx], teacher_log_probs, T, weight)  # [students, 3]
+            finite = torch.isfinite(terms[:, 0])
+            if not bool(finite[active].all()):  # one host sync a step, as a single run's check
+                for i in torch.nonzero(~finite).flatten().tolist():
+                    if active[i]:
+                        fail(students[i], terms[i], epoch, params, frozen, i)
+                        active[i] = False
+            terms[:, 0].sum().backward()
+            optimizer.step()
+            inactive = [i for i, a in enumerate(active) if not a]
+            if inactive:
+                with torch.no_grad():
+                    for k, p in params.items():
+                        p[inactive] = frozen[k][inactive]
+            sums += terms.detach() * idx.shape[1]
+            count += idx.shape[1]
+            for i, s in enumerate(students):
+                if active[i]:
+                    s.steps += 1
+                    if s.steps % log_every == 0:
+                        log_step_terms(s, terms[i].detach(), epoch)
+        train_seconds += time.perf_counter() - epoch_started
+
+        val_started = time.perf_counter()
+        val = evaluate(base, params, buffers, datamodule, "val", logits["val"], T, dtype)
+        val_seconds += time.perf_counter() - val_started
+        for i, s in enumerate(students):
+            if not active[i]:
+                continue
+            s.epochs = epoch + 1
+            s.val_metrics = val[i]
+            means = {f"train/{name}": float(sums[i, k] / count) for k, name in enumerate(("loss", "hard_loss", "soft_loss"))
+                     if name in LOGGED_TERMS[s.job.cfg.distill.group]}
+            for lg in s.logger:  # two records at one step, as Lightning writes them
+                lg.log_metrics({**val[i], "epoch": epoch}, step=s.steps - 1)
+                lg.log_metrics({**means, "epoch": epoch}, step=s.steps - 1)
+            state = {f"net.{k}": v[i].detach().clone().cpu() for k, v in {**params, **buffers}.items()}
+            end_of_epoch(s, epoch, state, net_config, (train_seconds, val_seconds))
+            if s.early_stopping is not None:  # Lightning's own rule; the fit goes on until min_epochs
+                should_stop, _ = s.early_stopping._evaluate_stopping_criteria(torch.tensor(val[i]["val/loss"]))
+                s.stop_requested |= should_stop
+            if s.stop_requested and epoch + 1 >= int(cfg.trainer.get("min_epochs") or 1):
+                stop(s, params, frozen, i)
+
+        atomic_torch_save({"epoch": epoch, "seconds": (train_seconds, val_seconds), "params": params,
+                           "frozen": frozen, "optimizer": optimizer.state_dict(),
+                           "students": [student_state(s) for s in students]}, state_path)
+        log.info("epoch %d/%d: %d of %d students trained, best val/acc %.4f (%.1f s)", epoch + 1, max_epochs,
+                 sum(active), len(students), max((val[i]["val/acc"] for i in range(len(students)) if active[i]), default=float("nan")),
+                 time.perf_counter() - epoch_started)
+
+    results = [finish(s, base, set(buffers), datamodule, logits, T[i:i + 1], dtype, teacher, teacher_ckpt,
+                      (time.perf_counter() - started) / len(jobs)) for i, s in enumerate(students)]
+    state_path.unlink(missing_ok=True)
+    return results
+
+
+# ---- resume: the group's state after each finished epoch, in <sweep dir>/.batched/ ----------------------------
+STUDENT_FIELDS = ("active", "stop_requested", "epochs", "steps", "best_state", "error", "val_metrics")
+
+
+def group_state_path(jobs: list[Job]) -> Path:
+    key = hashlib.sha256(json.dumps([[str(j.dir), j.overrides] for j in jobs]).encode()).hexdigest()[:16]
+    return jobs[0].dir.parent / ".batched" / f"{key}.pt"
+
+
+def student_state(s: Student) -> dict[str, Any]:
+    return {**{f: getattr(s, f) for f in STUDENT_FIELDS}, "best_model_score": s.best.best_model_score,
+            "early_stopping": s.early_stopping.state_dict() if s.early_stopping is not None else None}
+
+
+def restore_student(s: Student, state: dict[str, Any]) -> None:
+    for f in STUDENT_FIELDS:
+        setattr(s, f, state[f])
+    if state["best_model_score"] is not None:
+        set_best(s, state["best_model_score"])
+    s.last.last_model_path = s.last.best_model_path = str(Path(s.last.dirpath) / "last.ckpt")
+    if s.early_stopping is not None:
+        s.early_stopping.load_state_dict(state["early_stopping"])
+
+
+def set_best(s: Student, score: Tensor) -> None:
+    path = str(Path(s.best.dirpath) / "best.ckpt")
+    s.best.best_model_score, s.best.best_model_path = score, path
+    s.best.best_k_models = {path: score}
+    s.best.kth_best_model_path, s.best.kth_value = path, score
+
+
+def stop(s: Student, params: dict[str, Tensor], frozen: dict[str, Tensor], i: int) -> None:
+    s.active = False
+    with torch.no_grad():
+        for k, p in params.items():
+            frozen[k][i] = p[i]
+
+
+def fail(s: Student, terms: Tensor, epoch: int, params: dict[str, Tensor], frozen: dict[str, Tensor], i: int) -> None:
+    """A non-finite loss: this student stops before the step, its checkpoints on disk stay the last good ones."""
+    names = LOGGED_TERMS[s.job.cfg.distill.group]
+    values = ", ".join(f"{name}={terms[k].item():.4g}" for k, name in enumerate(("loss", "hard_loss", "soft_loss"))
+                       if name in names)
+    s.error = (f"NonFiniteLossError: non-finite training loss at step {s.steps} (epoch {epoch}): {values}; "
+               "the checkpoints saved so far are kept")
+    stop(s, params, frozen, i)
+
+
+def log_step_terms(s: Student, terms: Tensor, epoch: int) -> None:
+    names = LOGGED_TERMS[s.job.cfg.distill.group]
+    values = {f"train/{n}_step": float(terms[k]) for k, n in enumerate(("loss", "hard_loss", "soft_loss")) if n in names}
+    for lg in s.logger:
+        lg.log_metrics({**values, "epoch": epoch}, step=s.steps - 1)
+
+
+@torch.no_grad()
+def evaluate(base: torch.nn.Module, params: dict, buffers: dict, datamodule: Any, split: str,
+             teacher_logits: Tensor, T: Tensor, dtype: torch.dtype) -> list[dict[str, float]]:
+    """Every student's `<split>/` metrics, as DistillModule computes them: batch means weighted by batch size."""
+    forward = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None))
+    kd = vmap(kd_term, in_dims=(0, 0, 0))
+    n_students = len(T)
+    totals = torch.zeros(n_students, 5, dtype=torch.float64)
+    n = 0
+    for x, y, idx in datamodule.eval_loader(split):
+        x, y = x.to(T.device, dtype), y.to(T.device)
+        logits = forward(params, buffers, x)  # [students, batch, classes]
+        t_logits = teacher_logits[idx.to(T.device)]
+        ce = vmap(F.cross_entropy, in_dims=(0, None))(logits, y)
+        soft = kd(logits, F.log_softmax(t_logits / T[:, None, None], dim=-1).expand(n_students, -1, -1), T)
+        totals += torch.stack([t.double() for t in (
+            ce * len(y), (logits.argmax(-1) == y).sum(1), soft * len(y),
+            (logits.argmax(-1) == t_logits.argmax(-1)).sum(1), (t_logits.argmax(-1) == y).sum().expand(n_students),
+        )], dim=1).cpu()
+        n += len(y)
+    # float32 as torchmetrics' states: the numbers a single run logs and its callbacks compare
+    means = (totals / n).float()
+    return [{f"{split}/loss": float(m[0]), f"{split}/acc": float(m[1]), f"{split}/soft_loss": float(m[2]),
+             f"{split}/agreement": float(m[3]), f"{split}/teacher_acc": float(m[4])} for m in means]
+
+
+def checkpoint(s: Student, epoch: int, state: dict[str, Tensor], net_config: Any, seconds: tuple[float, float]) -> dict:
+    """A checkpoint in the layout a Lightning fit of DistillModule writes (the fields this project reads)."""
+    callbacks = {cb.state_key: cb.state_dict() for cb in (s.best, s.last, s.periodic, s.early_stopping) if cb is not None}
+    callbacks["Timer"] = {"time_elapsed": {"train": seconds[0], "validate": seconds[1], "test": 0.0}}
+    return {
+        "epoch": epoch, "global_step": s.steps, "pytorch-lightning_version": pl.__version__,
+        "state_dict": state, "net_config": net_config, "val_metrics": dict(s.val_metrics),
+        "callbacks": callbacks, "loops": None, "optimizer_states": [], "lr_schedulers": [],
+        "batched": True,  # written by the batched launcher: evaluable, not resumable with resume=
+    }
+
+
+def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: Any,
+                 seconds: tuple[float, float]) -> None:
+    """ModelCheckpoint's decisions (strictly better val/loss; every epoch; every n epochs), written atomically."""
+    score = torch.tensor(s.val_metrics["val/loss"])
+    improved = s.best.best_model_score is None or bool(score < s.best.best_model_score)
+    dirpath = Path(s.best.dirpath)
+    paths = {"best": dirpath / "best.ckpt", "last": dirpath / "last.ckpt"}
+    if improved:
+        set_best(s, score)
+        s.best_state = state
+    s.best.current_score = score
+    s.last.last_model_path = s.last.best_model_path = str(paths["last"])
+    ckpt = checkpoint(s, epoch, state, net_config, seconds)
+    if improved:
+        atomic_torch_save(ckpt, paths["best"])
+    atomic_torch_save(ckpt, paths["last"])
+    if s.periodic is not None and (epoch + 1) % s.periodic._every_n_epochs == 0:
+        atomic_torch_save(ckpt, Path(s.periodic.dirpath) / f"{s.periodic.filename.format(epoch=epoch)}.ckpt")
+
+
+def finish(s: Student, base: torch.nn.Module, buffer_names: set[str], datamodule: Any, logits: dict[str, Tensor],
+           T: Tensor, dtype: torch.dtype, teacher: torch.nn.Module, teacher_ckpt: Path,
+           wall_seconds: float) -> dict[str, Any] | None:
+    """Test the best checkpoint, write metrics.json's content (or failed.json) and the TensorBoard HParams."""
+    job = s.job
+    if s.error is not None or s.best_state is None:
+        error = s.error or "no epoch finished"
+        write_json(job.dir / "failed.json", {"overrides": job.overrides, "config": job.settings(), "error": error})
+        log.error("Job %s failed (%s); the other jobs of its group go on", job.dir.name, error)
+        for lg in s.logger:
+            lg.finalize("failed")
+        return None
+    state = {k[len("net."):]: v.to(T.device).unsqueeze(0) for k, v in s.best_state.items()}
+    best_params = {k: v for k, v in state.items() if k not in buffer_names}
+    best_buffers = {k: v for k, v in state.items() if k in buffer_names}
+    test = evaluate(base, best_params, best_buffers, datamodule, "test", logits["test"], T, dtype)[0]
+    for lg in s.logger:
+        lg.log_metrics({**test, "epoch": s.epochs}, step=s.steps)
+    params = sum(v.numel() for v in best_params.values())
+    result: dict[str, Any] = {
+        **test, **fit_facts(s.best),
+        "data_source": datamodule.source, "params": params, "teacher_params": count_params(teacher),
+        "best_ckpt": s.best.best_model_path, "teacher_ckpt": str(teacher_ckpt), "output_dir": str(job.dir),
+        "wall_seconds": wall_seconds,
+    }
+    hp_metrics = {f"hp/{k.replace('/', '_')}": v for k, v in result.items()
+                  if k.startswith(("test/", "val/")) or k in ("best_val_loss", "best_epoch")}
+    for lg in s.logger:
+        lg.log_hyperparams(hparams_of(job.cfg, datamodule.source), hp_metrics)
+        lg.finalize("success")
+    (job.dir / "failed.json").unlink(missing_ok=True)
+    write_json(job.dir / "metrics.json", {**result, "overrides": job.overrides, "config": job.settings()})
+    return result
+
+
+def record_failure(job: Job, err: Exception) -> None:
+    job.dir.mkdir(parents=True, exist_ok=True)
+    write_json(job.dir / "failed.json", {
+        "overrides": job.overrides, "config": job.settings(), "error": f"{type(err).__name__}: {err}",
+        "traceback": traceback.format_exc()})
+    log.error("Job %s failed (%s: %s); the sweep goes on", job.dir.name, type(err).__name__, err)
+
+
+def run_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
+    """fit_group on the jobs whose config is valid; a failure (a bad value, bad data, no teacher) is recorded
+    in failed.json of the jobs it concerns, as run_sweep_job records a job's failure."""
+    valid = []
+    for job in jobs:
+        try:
+            validate_config(job.cfg)
+            valid.append(job)
+        except Exception as err:  # noqa: BLE001 - a bad value fails its own job only
+            record_failure(job, err)
+    results: dict[int, dict[str, Any] | None] = {}
+    if valid:
+        try:
+            results = {id(job): r for job, r in zip(valid, fit_group(valid))}
+        except Exception as err:  # noqa: BLE001 - the group's data or teacher failed: every job of it
+            for job in valid:
+                record_failure(job, err)
+    return [results.get(id(job)) for job in jobs]
+
+
+def memory_per_student(cfg: DictConfig) -> int:
+    """Bytes one stacked student needs, generously: weights, gradients, two Adam moments and the frozen copy,
+    and activations of a training and an evaluation batch (each layer's output, kept for the backward)."""
+    net = instantiate(cfg.model)
+    n_params = sum(p.numel() for p in net.parameters())
+    widths = sum(m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear))
+    itemsize = torch.finfo(DTYPES[str(cfg.trainer.get("precision", "32-true"))]).bits // 8
+    batch = int(cfg.data.batch_size) + int(cfg.data.get("eval_batch_size", cfg.data.batch_size))
+    inputs = next(m.in_features for m in net.modules() if isinstance(m, torch.nn.Linear))
+    return itemsize * (5 * n_params + 3 * batch * (inputs + widths))

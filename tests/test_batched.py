@@ -1,0 +1,172 @@
+"""The batched launcher's stacked training equals separate train.py runs, job by job (float64 on the CPU)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fake_data import write_mnist
+from kd_lightning.batched.groups import group_key, not_batchable
+from kd_lightning.batched.stacked import Job, run_group
+from kd_lightning.checkpoints import load_checkpoint, load_net
+from kd_lightning.config import compose_train_config
+from kd_lightning.models import MnistCNN
+from kd_lightning.train import train
+
+# Different seeds (initial weights, data order), loss groups, T and alpha; a large min_delta makes some stop early.
+JOBS = [
+    ["seed=1", "distill.group=hard_soft", "distill.T=2", "distill.alpha=0.5"],
+    ["seed=2", "distill.group=soft", "distill.T=4"],
+    ["seed=1", "distill.group=hard"],
+    ["seed=3", "distill.group=hard_soft", "distill.T=8", "distill.alpha=0.9"],
+]
+EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def common(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    tmp = tmp_path_factory.mktemp("batched")
+    write_mnist(tmp / "data", n_train=320, n_test=100)
+    teacher = tmp / "teacher.ckpt"
+    torch.manual_seed(0)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in MnistCNN().state_dict().items()},
+                "net_config": {"_target_": "kd_lightning.models.MnistCNN", "num_classes": 10}}, teacher)
+    return [
+        "experiment=hard_soft", f"paths.data_dir={tmp / 'data'}", f"paths.log_dir={tmp / 'logs'}",
+        "data.download=false", "data.batch_size=32", "data.eval_batch_size=30", f"teacher.ckpt_path={teacher}",
+        f"trainer.max_epochs={EPOCHS}", "+trainer.limit_train_batches=5", "+trainer.precision=64-true",
+        "trainer.log_every_n_steps=3", "callbacks.early_stopping.min_delta=0.03", "callbacks.early_stopping.patience=1",
+        "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    ]
+
+
+def config(common: list[str], overrides: list[str], out: Path):
+    return compose_train_config([*common, *overrides, f"paths.output_dir={out}"])
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_batched_jobs_equal_separate_runs(common: list[str], tmp_path: Path) -> None:
+    alone = [train(config(common, o, tmp_path / "alone" / str(i))) for i, o in enumerate(JOBS)]
+    jobs = [Job(config(common, o, tmp_path / "batched" / str(i)), o) for i, o in enumerate(JOBS)]
+    assert len({group_key(j.cfg) for j in jobs}) == 1 and not_batchable(jobs[0].cfg) is None
+    batched = run_group(jobs)
+
+    epochs = [r["epochs"] for r in alone]
+    assert min(epochs) < max(epochs), f"no job stopped before another: {epochs}"  # early stopping is exercised
+    for i, (one, many) in enumerate(zip(alone, batched)):
+        assert many is not None
+        assert set(many) == set(one)
+        for key, value in one.items():
+            if isinstance(value, float) and key not in ("wall_seconds", "seconds_per_epoch"):
+                assert many[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (i, key)
+        assert (many["epochs"], many["best_epoch"]) == (one["epochs"], one["best_epoch"])
+        run_alone, run_batched = tmp_path / "alone" / str(i), tmp_path / "batched" / str(i)
+        curves_alone, curves_batched = scalars(run_alone), scalars(run_batched)
+        assert set(curves_batched) == set(curves_alone)
+        for tag, points in curves_alone.items():  # per-epoch val and train metrics, step losses, lr, test
+            assert [s for s, _ in curves_batched[tag]] == [s for s, _ in points], (i, tag)
+            assert [v for _, v in curves_batched[tag]] == pytest.approx([v for _, v in points], rel=1e-6), (i, tag)
+        names = sorted(p.name for p in (run_alone / "checkpoints").glob("*.ckpt"))
+        assert sorted(p.name for p in (run_batched / "checkpoints").glob("*.ckpt")) == names
+        for name in names:  # final (last), best and periodic weights
+            a, b = load_checkpoint(run_alone / "checkpoints" / name), load_checkpoint(run_batched / "checkpoints" / name)
+            assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"], (i, name)
+            for key, tensor in a["state_dict"].items():
+                torch.testing.assert_close(b["state_dict"][key], tensor, rtol=1e-9, atol=1e-12)
+        load_net(run_batched / "checkpoints" / "best.ckpt")  # what eval.py and tracin.py do
+
+
+def test_a_non_finite_loss_fails_its_own_job_only(common: list[str], tmp_path: Path, monkeypatch) -> None:
+    """A NaN injected into the student with T=4: its job gets failed.json, the others train as without it."""
+    import kd_lightning.batched.stacked as stacked
+
+    overrides = [*common, "trainer.max_epochs=2"]
+    good = [Job(config(overrides, o, tmp_path / "without" / str(i)), o) for i, o in enumerate([JOBS[0], JOBS[2]])]
+    without = run_group(good)
+
+    real_kd_term = stacked.kd_term
+    monkeypatch.setattr(stacked, "kd_term", lambda s, t, T: torch.where(T == 4, torch.nan, real_kd_term(s, t, T)))
+    mixed = [Job(config(overrides, o, tmp_path / "with" / str(i)), o) for i, o in enumerate(JOBS[:3])]
+    with_bad = run_group(mixed)
+    assert with_bad[1] is None
+    failure = json.loads((tmp_path / "with" / "1" / "failed.json").read_text())
+    assert failure["error"].startswith("NonFiniteLossError: non-finite training loss at step 0 (epoch 0)")
+    assert not (tmp_path / "with" / "1" / "metrics.json").exists()
+    for one, other, a, b in ((with_bad[0], without[0], "with/0", "without/0"), (with_bad[2], without[1], "with/2", "without/1")):
+        assert one["test/acc"] == other["test/acc"] and one["best_val_loss"] == other["best_val_loss"]
+        wa = load_checkpoint(tmp_path / a / "checkpoints" / "last.ckpt")["state_dict"]
+        wb = load_checkpoint(tmp_path / b / "checkpoints" / "last.ckpt")["state_dict"]
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_grouping_and_fallback_reasons(common: list[str], tmp_path: Path) -> None:
+    base = config(common, JOBS[0], tmp_path / "a")
+    assert group_key(base) == group_key(config(common, JOBS[1], tmp_path / "b"))  # seed, group, T, alpha
+    assert group_key(base) != group_key(config(common, [*JOBS[0], "data.batch_size=64"], tmp_path / "c"))
+    assert not_batchable(config(common, ["distill.cache_teacher_logits=false"], tmp_path)) == "distill.cache_teacher_logits=false"
+    assert not_batchable(config(common, ["model=mnist_cnn"], tmp_path)) == "the model is not an MLP without dropout"
+    assert not_batchable(config(common, ["+trainer.gradient_clip_val=1.0"], tmp_path)) == "trainer.gradient_clip_val=1.0"
+
+
+@pytest.mark.slow
+def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path: Path) -> None:
+    """`python train.py -m ... hydra/launcher=batched`: batchable jobs train together, the others (no logit
+    cache) the ordinary way; every job dir as the basic launcher writes it, and the sweep report."""
+    from conftest import run_script
+
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in common if not o.startswith("+trainer.precision")]
+    proc = run_script("train.py", "-m", *overrides, "trainer.max_epochs=2", "hydra/launcher=batched",
+                      f"hydra.sweep.dir={sweep}", "distill.T=2,4", "distill.cache_teacher_logits=true,false")
+    assert "Training jobs [0, 2] together" in proc.stdout + proc.stderr
+    assert "Jobs [1, 3] run one by one (distill.cache_teacher_logits=false)" in proc.stdout + proc.stderr
+    for job in range(4):
+        d = sweep / str(job)
+        assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= {p.name for p in (d / ".hydra").iterdir()}
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert metrics["epochs"] == 2 and metrics["output_dir"] == str(d)
+        assert {"best.ckpt", "last.ckpt", "epoch001.ckpt"} <= {p.name for p in (d / "checkpoints").iterdir()}
+    keys = [set(json.loads((sweep / str(j) / "metrics.json").read_text())) for j in range(4)]
+    assert keys[0] == keys[1] == keys[2] == keys[3]
+    assert (sweep / "results.md").is_file() and (sweep / "curves.png").is_file()
+
+
+def test_an_interrupted_group_resumes_where_it_stopped(common: list[str], tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C / SIGTERM during epoch 2: running the group again continues after epoch 1 and ends where an
+    uninterrupted run ends (weights, metrics, checkpoints)."""
+    import kd_lightning.batched.stacked as stacked
+
+    overrides = [*common, "trainer.max_epochs=3", "callbacks.early_stopping=null"]
+    uninterrupted = run_group([Job(config(overrides, o, tmp_path / "once" / str(i)), o) for i, o in enumerate(JOBS[:2])])
+
+    real_evaluate, calls = stacked.evaluate, []
+
+    def interrupted_evaluate(*args, **kwargs):
+        calls.append(args[4])
+        if calls.count("val") == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    def jobs() -> list[Job]:
+        return [Job(config(overrides, o, tmp_path / "twice" / str(i)), o) for i, o in enumerate(JOBS[:2])]
+
+    monkeypatch.setattr(stacked, "evaluate", interrupted_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        run_group(jobs())
+    assert len(list((tmp_path / "twice" / ".batched").glob("*.pt"))) == 1
+    monkeypatch.setattr(stacked, "evaluate", real_evaluate)
+    resumed = run_group(jobs())
+    assert not list((tmp_path / "twice" / ".batched").glob("*.pt"))
+    for i, (one, two) in enumerate(zip(uninterrupted, resumed)):
+        assert {k: v for k, v in one.items() if k not in ("wall_seconds", "seconds_per_epoch", "output_dir", "best_ckpt")} == \
+               {k: v for k, v in two.items() if k not in ("wall_seconds", "seconds_per_epoch", "output_dir", "best_ckpt")}
+        for name in ("last.ckpt", "best.ckpt", "epoch001.ckpt"):
+            a = load_checkpoint(tmp_path / "once" / str(i) / "checkpoints" / name)["state_dict"]
+            b = load_checkpoint(tmp_path / "twice" / str(i) / "checkpoints" / name)["state_dict"]
+            assert all(torch.equal(a[k], b[k]) for k in a), (i, name)

@@ -1,0 +1,51 @@
+"""The progress bar: a live tqdm bar on a terminal, one line per epoch otherwise, off with
+`trainer.enable_progress_bar=false` (Lightning's own switch) without an error."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+
+from fake_data import write_mnist
+from kd_lightning.callbacks import EpochLineProgressBar
+from kd_lightning.config import compose_train_config
+from kd_lightning.train import build
+
+
+def tiny_run_overrides(tmp_path: Path) -> list[str]:
+    write_mnist(tmp_path / "data", n_train=200, n_test=50)
+    return [
+        "model=mlp_784_16_10", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.output_dir={tmp_path / 'run'}", "data.download=false", "data.batch_size=32",
+        "trainer.max_epochs=2", "+trainer.enable_model_summary=false",
+    ]
+
+
+def progress_bars(trainer) -> list[ProgressBar]:
+    return [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
+
+
+def test_enable_progress_bar_false_turns_the_bar_off(tmp_path: Path) -> None:
+    run = build(compose_train_config([*tiny_run_overrides(tmp_path), "trainer.enable_progress_bar=false"]))
+    assert progress_bars(run.trainer) == []
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.current_epoch == 2
+
+
+def test_one_plain_line_per_epoch_when_stdout_is_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = build(compose_train_config(tiny_run_overrides(tmp_path)))
+    assert [type(b) for b in progress_bars(run.trainer)] == [EpochLineProgressBar]
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
+    assert all("val/loss=" in line and "val/acc=" in line for line in lines), lines
+    val_loss = float(lines[-1].split("val/loss=")[1].split()[0])
+    assert val_loss == pytest.approx(float(run.trainer.callback_metrics["val/loss"]), rel=1e-3)
+
+
+def test_live_bar_with_a_refresh_rate_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    run = build(compose_train_config([*tiny_run_overrides(tmp_path), "callbacks.progress_bar.refresh_rate=7"]))
+    bars = progress_bars(run.trainer)
+    assert [type(b) for b in bars] == [TQDMProgressBar] and bars[0].refresh_rate == 7
