@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 from fake_data import write_mnist
 from kd_lightning.callbacks import EpochLineProgressBar
 from kd_lightning.config import compose_train_config
-from kd_lightning.train import build
+from kd_lightning.train import build, prepare_data
 
 
 def tiny_run_overrides(tmp_path: Path) -> list[str]:
@@ -22,19 +22,25 @@ def tiny_run_overrides(tmp_path: Path) -> list[str]:
     ]
 
 
+def built(overrides: list[str]):
+    """A classifier run as train.py builds it (no teacher)."""
+    cfg = compose_train_config(overrides)
+    return build(cfg, prepare_data(cfg), None)
+
+
 def progress_bars(trainer) -> list[ProgressBar]:
     return [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
 
 
 def test_enable_progress_bar_false_turns_the_bar_off(tmp_path: Path) -> None:
-    run = build(compose_train_config([*tiny_run_overrides(tmp_path), "trainer.enable_progress_bar=false"]))
+    run = built([*tiny_run_overrides(tmp_path), "trainer.enable_progress_bar=false"])
     assert progress_bars(run.trainer) == []
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.current_epoch == 2
 
 
 def test_one_plain_line_per_epoch_when_stdout_is_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    run = build(compose_train_config(tiny_run_overrides(tmp_path)))
+    run = built(tiny_run_overrides(tmp_path))
     assert [type(b) for b in progress_bars(run.trainer)] == [EpochLineProgressBar]
     run.trainer.fit(run.module, datamodule=run.datamodule)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
@@ -46,6 +52,6 @@ def test_one_plain_line_per_epoch_when_stdout_is_not_a_terminal(tmp_path: Path, 
 
 def test_live_bar_with_a_refresh_rate_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    run = build(compose_train_config([*tiny_run_overrides(tmp_path), "callbacks.progress_bar.refresh_rate=7"]))
+    run = built([*tiny_run_overrides(tmp_path), "callbacks.progress_bar.refresh_rate=7"])
     bars = progress_bars(run.trainer)
     assert [type(b) for b in bars] == [TQDMProgressBar] and bars[0].refresh_rate == 7

@@ -20,9 +20,11 @@ TRAINER_KEYS: dict[str, Any] = {
     "num_sanity_val_steps": None, "limit_train_batches": None, "accelerator": ("cpu", "gpu", "cuda"),
     "devices": (1,), "num_nodes": (1,), "check_val_every_n_epoch": (1,), "max_steps": (-1, None),
     "limit_val_batches": (1.0, None), "precision": tuple(DTYPES),
+    "plugins": ([{"_target_": "kd_lightning.checkpoints.AtomicCheckpointIO"}],),  # it writes atomically too
 }
 CALLBACKS = {"model_checkpoint", "last_checkpoint", "periodic_checkpoint", "early_stopping", "lr_monitor", "timer",
-             "progress_bar", "interrupt_checkpoint"}
+             "progress_bar", "interrupt_checkpoint",
+             "tensorboard_figures"}  # not drawn for batched jobs (docs/batched.md); their model card is written
 ELEMENTWISE_OPTIMIZERS = {"torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD", "torch.optim.Adadelta",
                           "torch.optim.RMSprop", "torch.optim.Adagrad"}
 

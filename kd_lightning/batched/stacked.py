@@ -33,6 +33,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
+from kd_lightning.card import write_card
 from kd_lightning.checkpoints import atomic_torch_save, load_net
 from kd_lightning.losses import kd_term
 from kd_lightning.models.stats import count_params
@@ -385,6 +386,7 @@ def finish(s: Student, base: torch.nn.Module, buffer_names: set[str], datamodule
         lg.finalize("success")
     (job.dir / "failed.json").unlink(missing_ok=True)
     write_json(job.dir / "metrics.json", {**result, "overrides": job.overrides, "config": job.settings()})
+    write_card(job.dir, job.cfg)  # the cheap model card, as every distillation run writes
     return result
 
 
