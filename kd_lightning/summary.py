@@ -22,7 +22,7 @@ def hparams_of(cfg: DictConfig, data_source: str | None) -> dict[str, Any]:
         "data_source": data_source,
     }
     if "group" in c["module"]:
-        params.update(group=c["module"]["group"], T=c["module"]["T"], alpha=c["module"]["alpha"])
+        params.update(method=c["module"].get("method", "kd"), group=c["module"]["group"], T=c["module"]["T"], alpha=c["module"]["alpha"])
     return params
 
 

@@ -24,10 +24,10 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from kd_lightning import config  # also registers the ${kd_root:} and ${kd_if_null:} resolvers
 from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.errors import ConfigError, InputError, NonFiniteLossError
+from kd_lightning.methods import check_method, get_method
 from kd_lightning.modules import DistillModule
 from kd_lightning.summary import hparams_of, print_summary
 from kd_lightning.sweeps import Interrupted, run_sweep_job
-from kd_lightning.teacher import cached_teacher_logits, provide_teacher
 from kd_lightning.validation import check_num_classes, validate_config
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,14 @@ class Run:
     datamodule: pl.LightningDataModule
     module: pl.LightningModule
     trainer: pl.Trainer
-    teacher_ckpt: Path | None = None
+    teacher_ckpts: list[Path]
 
 
 def build(cfg: DictConfig) -> Run:
     """Instantiate data, teacher (trained and cached first if needed), model, module, callbacks and trainer."""
     validate_config(cfg)
+    if is_distillation(cfg):
+        check_method(cfg)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     # Find the data (and its source, which keys the teacher cache) before anything trains.
     datamodule.prepare_data()
@@ -61,22 +63,23 @@ def build(cfg: DictConfig) -> Run:
     check_num_classes("model", cfg.model, datamodule)
 
     module_kwargs: dict[str, Any] = {}
-    teacher_ckpt = None
-    if is_distillation(cfg):
-        module_kwargs["teacher"], teacher_ckpt = provide_teacher(cfg, datamodule)
+    teacher_ckpts: list[Path] = []
+    method = get_method(cfg.distill.method) if is_distillation(cfg) else None
+    if method is not None:  # the method provides its teacher(s): none, one, or several (multi_teacher)
+        module_kwargs["teacher"], teacher_ckpts = method.provide_teacher(cfg, datamodule)
 
     pl.seed_everything(cfg.seed, workers=True)  # after the teacher, so a cached one changes nothing
     net = instantiate(cfg.model)
     module = instantiate(cfg.module, net=net, **module_kwargs)
     module.net_config = OmegaConf.to_container(cfg.model, resolve=True)  # set after: instantiate would build it
-    if teacher_ckpt is not None and cfg.distill.cache_teacher_logits:
+    if teacher_ckpts and cfg.distill.cache_teacher_logits:
         module.use_cached_teacher_logits(
-            cached_teacher_logits(teacher_ckpt, module.teacher, datamodule, Path(cfg.paths.cache_dir))
+            method.cached_teacher_logits(module.teacher, teacher_ckpts, datamodule, Path(cfg.paths.cache_dir))
         )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    return Run(datamodule, module, trainer, teacher_ckpt)
+    return Run(datamodule, module, trainer, teacher_ckpts)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -84,7 +87,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     run = build(cfg)
-    datamodule, module, trainer, teacher_ckpt = run.datamodule, run.module, run.trainer, run.teacher_ckpt
+    datamodule, module, trainer, teacher_ckpts = run.datamodule, run.module, run.trainer, run.teacher_ckpts
     net = module.net
     if cfg.get("ckpt_path") == "last" and not list((output_dir / "checkpoints").glob("*.ckpt")):
         log.warning("ckpt_path=last: no checkpoint in %s yet, so training starts from the beginning", output_dir)
@@ -100,9 +103,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **fit_facts(best),
         "data_source": datamodule.source,
         "params": count_params(net),
-        "teacher_params": count_params(module.teacher) if is_distillation(cfg) else None,
+        "teacher_params": count_params(module.teacher) if getattr(module, "teacher", None) else None,
         "best_ckpt": str(best.best_model_path),
-        "teacher_ckpt": str(teacher_ckpt) if teacher_ckpt else None,
+        "teacher_ckpt": str(teacher_ckpts[0]) if len(teacher_ckpts) == 1 else None,
+        "teacher_ckpts": [str(c) for c in teacher_ckpts],
         "output_dir": str(output_dir),
         "wall_seconds": time.perf_counter() - started,
     }
