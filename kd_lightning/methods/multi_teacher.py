@@ -26,7 +26,7 @@ from kd_lightning.methods.kd import KD
 
 def ensemble_logits(logits: Sequence[Tensor], weights: Tensor, T: float) -> Tensor:
     """T * log sum_i w_i softmax(z_i / T): logits whose softmax at T is the weighted mean of the teachers'."""
-    log_probs = torch.stack([F.log_softmax(z.float() / T, dim=-1) for z in logits])  # (teachers, N, C)
+    log_probs = torch.stack([F.log_softmax(z / T, dim=-1) for z in logits])  # (teachers, N, C)
     log_w = weights.to(log_probs).log().view(-1, *[1] * (log_probs.dim() - 1))
     return T * torch.logsumexp(log_probs + log_w, dim=0)
 
