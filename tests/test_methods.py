@@ -282,7 +282,7 @@ def save_random_teacher(path: Path, net: nn.Module, config: dict) -> Path:
 
 QUICK = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
          "+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
-         "logger=[]", "callbacks.periodic_checkpoint=null"]
+         "logger=[]", "callbacks.periodic_checkpoint=null", "callbacks.lr_monitor=null"]
 
 
 def train_method(tmp_path: Path, method: str, *overrides: str) -> dict:
@@ -398,3 +398,28 @@ def test_no_teacher_method_builds_no_teacher(monkeypatch: pytest.MonkeyPatch) ->
     for method in ("label_smoothing", "tf_kd"):
         assert get_method(method).provide_teacher(None, None) == (None, [])
 
+
+
+def test_report_has_a_method_column_and_groups_by_it(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    from kd_lightning.report import load_results, markdown_table
+
+    jobs = [("kd", 0.90), ("kd", 0.92), ("at", 0.95), ("at", 0.97), ("label_smoothing", 0.80)]
+    for i, (method, acc) in enumerate(jobs):
+        job = tmp_path / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        config = {"module": {"_target_": "kd_lightning.modules.DistillModule"}, "seed": i,
+                  "distill": {"method": method, "group": "hard_soft", "T": 2.0, "alpha": 0.8}}
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+        (job / "metrics.json").write_text(json.dumps({"val/acc": acc, "test/acc": acc, "test/loss": 1 - acc}))
+    rows = load_results(tmp_path)
+    assert [(r["method"], r["group"], r["T"]) for r in rows[:3]] == [("kd", "hard_soft", 2.0), ("kd", "hard_soft", 2.0),
+                                                                    ("at", None, None)]
+    table = markdown_table(rows).splitlines()
+    assert table[0].startswith("| method | group | T | alpha | runs |")
+    assert table[2].startswith("| at **(best)** | - | - | - | 2 | 0.9600 ± 0.0141 |")
+    assert table[3].startswith("| kd | hard_soft | 2 | 0.8 | 2 | 0.9100 ± 0.0141 |")
+    assert table[4].startswith("| label_smoothing | - | - | - | 1 | 0.8000 |")
