@@ -28,7 +28,7 @@ class DistillModule(ClassifierModule):
     """Student `net` plus a frozen `teacher` (None for a method without one) and the distillation `method`.
 
     The teacher never trains: its parameters have requires_grad=False, the optimizer gets the student's
-    parameters only, and `train()` keeps it in eval mode whatever Lightning switches (dropout in a teacher
+    parameters (and the method's own parts) only, and `train()` keeps it in eval mode whatever Lightning switches (dropout in a teacher
     would otherwise make its targets noisy). It is left out of checkpoints: a student checkpoint holds the
     student alone and loads into a plain ClassifierModule.
 
@@ -77,9 +77,9 @@ class DistillModule(ClassifierModule):
             )
 
     def setup(self, stage: str) -> None:
-        self.build_method(self.trainer.datamodule.input_shape)
+        self.build_method(getattr(self.trainer.datamodule, "input_shape", None))
 
-    def build_method(self, input_shape: tuple[int, ...]) -> None:
+    def build_method(self, input_shape: tuple[int, ...] | None) -> None:
         """Let the method make its feature-shaped parts from one probe batch (zeros; eval mode, no grad, so
         no BatchNorm statistics move), once, before the optimizer is made and before a checkpoint is loaded."""
         if self.method_built:
@@ -90,6 +90,8 @@ class DistillModule(ClassifierModule):
                      self.method.name)
         if not (self.method.student_layers or self.method.teacher_layers):
             return
+        if input_shape is None:
+            raise ValueError(f"distill.method={self.method.name} reads features: the datamodule must declare input_shape")
         x = torch.zeros(2, *input_shape)
         was_training = self.net.training
         with torch.no_grad(), capture(self.net.eval(), self.method.student_layers) as features:
