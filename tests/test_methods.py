@@ -423,3 +423,17 @@ def test_report_has_a_method_column_and_groups_by_it(tmp_path: Path) -> None:
     assert table[2].startswith("| at **(best)** | - | - | - | 2 | 0.9600 ± 0.0141 |")
     assert table[3].startswith("| kd | hard_soft | 2 | 0.8 | 2 | 0.9100 ± 0.0141 |")
     assert table[4].startswith("| label_smoothing | - | - | - | 1 | 0.8000 |")
+
+
+def test_conv_student_is_small_and_its_maps_match_the_teachers() -> None:
+    student, teacher = MnistConvStudent(), MnistCNN()
+    assert sum(p.numel() for p in student.parameters()) == 38_298  # 80 + 1,168 + 36,880 + 170
+    x = torch.zeros(2, 1, 28, 28)
+    with torch.no_grad():
+        from kd_lightning.methods.base import capture
+
+        with capture(student, student.feature_layers) as s, capture(teacher.eval(), teacher.feature_layers) as t:
+            student(x), teacher(x)
+    assert [tuple(s[k].shape[2:]) for k in student.feature_layers] == [(26, 26), (24, 24)]
+    assert [tuple(s[k].shape[2:]) for k in student.feature_layers] == [tuple(t[k].shape[2:]) for k in teacher.feature_layers]
+    assert CifarResNet(stages=2).feature_layers == ("layer1", "layer2")
