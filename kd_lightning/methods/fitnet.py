@@ -42,9 +42,9 @@ class FitNet(Method):
         self.student_layers = [s]
         if teacher is not None:
             t = self.hp["teacher_layer"]
-            if t is None:
-                position = list(getattr(student, "feature_layers", ())).index(s) if s in getattr(
-                    student, "feature_layers", ()) else -1
+            if t is None:  # the teacher's map at the student layer's position among its maps (else the last)
+                student_maps = list(getattr(student, "feature_layers", ()))
+                position = student_maps.index(s) if s in student_maps else -1
                 t = default_feature_layers(teacher, "teacher", "distill.fitnet.teacher_layer")[position]
             find_module(teacher, t, "distill.fitnet.teacher_layer")
             self.teacher_layers = [t]
