@@ -58,6 +58,7 @@ class DistillModule(ClassifierModule):
         distill = {"group": group, "T": T, "alpha": alpha, method: method_hparams}
         method_cls.check(distill)
         self.method: Method = method_cls(distill)
+        self.loss_fn = getattr(self.method, "loss_fn", None)  # kd's loss group, as before the registry
         if method_cls.uses_teacher and teacher is None:
             raise ValueError(f"distill.method={method} needs a teacher")
         self.teacher = teacher.eval().requires_grad_(False) if method_cls.uses_teacher else None
