@@ -67,7 +67,7 @@ class ThroughputMeter(pl.Callback):
 def build_run(cfg: Any) -> Any:
     """A run as train.py builds it: data, the teacher (cached, or trained now), then pure construction."""
     datamodule = prepare_data(cfg)
-    return build(cfg, datamodule, ensure_teacher(cfg, datamodule) if is_distillation(cfg) else None)
+    return build(cfg, datamodule, [ensure_teacher(cfg, datamodule)] if is_distillation(cfg) else [])
 
 
 def stack_throughput(experiment: str, steps: int, warmup: int, overrides: list[str]) -> float:

@@ -2,11 +2,11 @@
 every multirun, see `ReportOnMultirunEnd`).
 
 Writes into the multirun dir:
-- results.csv: one row per job (group, T, alpha, seed, status, best epoch, val/test accuracy and loss, teacher
-  agreement, wall time, its model card), from each job's own metrics.json / failed.json, labelled by the config
-  recorded there;
-- results.md: mean ± std over seeds per setting, the best setting (by validation accuracy) marked, links to the
-  jobs' model cards;
+- results.csv: one row per job (method, group, T, alpha, seed, status, best epoch, val/test accuracy and loss,
+  teacher agreement, wall time, its model card), from each job's own metrics.json / failed.json, labelled by the
+  config recorded there;
+- results.md: mean ± std over seeds per setting (method, group, T, alpha), the best setting (by validation
+  accuracy) marked, links to the jobs' model cards;
 - heatmap.png: mean test accuracy over T × alpha of the hard_soft jobs (when there are any);
 - curves.png: train loss and val loss per epoch for each group, from the jobs' TensorBoard logs.
 Test metrics are those of the checkpoint chosen by validation loss, never of the best test epoch.
@@ -34,9 +34,10 @@ from kd_lightning.config import is_distillation
 log = logging.getLogger(__name__)
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its event reader logs every file it opens
 
-COLUMNS = ["job", "status", "group", "T", "alpha", "seed", "best_epoch", "epochs", "val_acc", "val_loss",
+COLUMNS = ["job", "status", "method", "group", "T", "alpha", "seed", "best_epoch", "epochs", "val_acc", "val_loss",
            "test_acc", "test_loss", "test_agreement", "teacher_acc", "wall_seconds", "card", "error"]
-SETTING = ("group", "T", "alpha")
+SETTING = ("method", "group", "T", "alpha")
+KD_GROUP_METHODS = ("kd", "multi_teacher")  # the methods that distill.group, T and alpha act on
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -62,9 +63,12 @@ def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
     for job in job_dirs(Path(sweep_dir)):
         config = job_settings(job)
         distill = config.get("distill", {})
-        group = distill.get("group") if is_distillation(config) else "teacher"
+        is_student = is_distillation(config)
+        method = distill.get("method", "kd") if is_student else None
+        group = (distill.get("group") if method in KD_GROUP_METHODS else None) if is_student else "teacher"
         row: dict[str, Any] = {
             "job": int(job.name),
+            "method": method,
             "group": group,
             "T": distill.get("T") if group in ("soft", "hard_soft") else None,  # only where it acts
             "alpha": distill.get("alpha") if group == "hard_soft" else None,
@@ -90,7 +94,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std over seeds of each setting (group, T, alpha), best validation accuracy first."""
+    """Mean and std over seeds of each setting (method, group, T, alpha), best validation accuracy first."""
     by_setting: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         if row["status"] == "done":
@@ -107,8 +111,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     summary = summarize(rows)
-    lines = ["| group | T | alpha | runs | val acc | test acc | test loss | agreement with teacher |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | group | T | alpha | runs | val acc | test acc | test loss | agreement with teacher |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     for i, e in enumerate(summary):
 
@@ -119,7 +123,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
         mark = " **(best)**" if i == 0 else ""
         t, alpha = ("-" if v is None else f"{v:.4g}" for v in (e["T"], e["alpha"]))
-        lines.append(f"| {e['group']}{mark} | {t} | {alpha} | {e['n']} | {fmt(e['val_acc'])} | "
+        lines.append(f"| {e['method'] or '-'}{mark} | {e['group'] or '-'} | {t} | {alpha} | {e['n']} | {fmt(e['val_acc'])} | "
                      f"{fmt(e['test_acc'])} | {fmt(e['test_loss'])} | {fmt(e['test_agreement'])} |")
     failed = [r for r in rows if r["status"] != "done"]
     lines.append("")
@@ -137,7 +141,7 @@ def plot_heatmap(rows: list[dict[str, Any]], path: Path | None = None) -> Figure
     """Mean test accuracy of the hard_soft students over T × alpha."""
     cells: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        if r["status"] == "done" and r["group"] == "hard_soft":  # the group where both T and alpha act
+        if r["status"] == "done" and r["group"] == "hard_soft" and r["method"] in ("kd", None):  # T and alpha act
             cells[(r["T"], r["alpha"])].append(r["test_acc"])
     temps, alphas = sorted({t for t, _ in cells}), sorted({a for _, a in cells})
     grid = [[statistics.fmean(cells[(t, a)]) if (t, a) in cells else float("nan") for a in alphas] for t in temps]
@@ -177,6 +181,11 @@ def epoch_curves(job: Path) -> dict[str, list[tuple[int, float]]]:
     }
 
 
+def label(row: dict[str, Any]) -> str:
+    """A job's line in the curves: its kd group, or its method."""
+    return row["group"] if row["method"] in ("kd", None) else row["method"]
+
+
 def plot_curves(sweep_dir: str | Path, rows: list[dict[str, Any]], path: Path | None = None) -> Figure:
     """Train loss and val loss per epoch, one line per group (mean over its jobs)."""
     curves: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -185,7 +194,7 @@ def plot_curves(sweep_dir: str | Path, rows: list[dict[str, Any]], path: Path | 
             continue
         for tag, points in epoch_curves(Path(sweep_dir) / str(r["job"])).items():
             for epoch, value in points:
-                curves[tag][r["group"]][epoch].append(value)
+                curves[tag][label(r)][epoch].append(value)
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
     for ax, tag, title in zip(axes, ("train/loss", "val/loss"), ("train loss (each group's objective)",
@@ -212,7 +221,7 @@ def write_report(sweep_dir: str | Path) -> list[dict[str, Any]]:
     writer.writerows(rows)
     atomic_write_text(sweep_dir / "results.csv", table.getvalue())
     atomic_write_text(sweep_dir / "results.md", markdown_table(rows))
-    if any(r["status"] == "done" and r["group"] == "hard_soft" for r in rows):
+    if any(r["status"] == "done" and r["group"] == "hard_soft" and r["method"] in ("kd", None) for r in rows):
         plot_heatmap(rows, sweep_dir / "heatmap.png")
     if any(r["status"] == "done" for r in rows):
         plot_curves(sweep_dir, rows, sweep_dir / "curves.png")

@@ -24,7 +24,8 @@ def hparams_of(cfg: DictConfig, data_source: str | None) -> dict[str, Any]:
         "data_source": data_source,
     }
     if is_distillation(c):
-        params.update(group=c["module"]["group"], T=c["module"]["T"], alpha=c["module"]["alpha"])
+        params.update(method=c["module"].get("method", "kd"), group=c["module"]["group"], T=c["module"]["T"],
+                      alpha=c["module"]["alpha"])
     return params
 
 

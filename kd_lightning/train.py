@@ -24,15 +24,16 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import config  # also registers the ${kd_root:} and ${kd_if_null:} resolvers
 from kd_lightning.card import write_card
-from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint, load_checkpoint, load_net
+from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint, load_checkpoint
 from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError, Interrupted, exit_on_error
 from kd_lightning.launch import is_first_rank, wait_for_file
+from kd_lightning.methods import check_method, get_method
 from kd_lightning.models.stats import count_params
 from kd_lightning.run_dir import resume_dir_error
 from kd_lightning.summary import hparams_of, print_summary
 from kd_lightning.sweeps import run_sweep_job
-from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_teacher_config
+from kd_lightning.teacher import TeacherCache, compose_teacher_config
 from kd_lightning.validation import check_num_classes, check_splits, validate_config
 
 log = logging.getLogger(__name__)
@@ -45,18 +46,22 @@ class Run:
     datamodule: pl.LightningDataModule
     module: pl.LightningModule
     trainer: pl.Trainer
-    teacher_ckpt: Path | None = None
+    teacher_ckpts: list[Path]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit on train/val, test the best-by-validation checkpoint, record and return the run's metrics."""
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
-    with_teacher = is_distillation(cfg)
+    distillation = is_distillation(cfg)
     validate_config(cfg)
+    if distillation:
+        check_method(cfg)  # distill.method and its distill.<method>.* settings
     datamodule = prepare_data(cfg)
-    teacher_ckpt = ensure_teacher(cfg, datamodule) if with_teacher else None
-    run = build(cfg, datamodule, teacher_ckpt)
+    # The method's teachers (none, one, or several for multi_teacher), each cached or trained now.
+    runs = get_method(cfg.distill.method).teacher_runs(cfg) if distillation else []
+    teacher_ckpts = [ensure_teacher(run_cfg, datamodule) for run_cfg in runs]
+    run = build(cfg, datamodule, teacher_ckpts)
     module, trainer = run.module, run.trainer
 
     if cfg.get("ckpt_path") == "last" and not list((output_dir / "checkpoints").glob("*.ckpt")):
@@ -73,9 +78,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **fit_facts(best),
         "data_source": datamodule.source,
         "params": count_params(module.net),
-        "teacher_params": count_params(module.teacher) if with_teacher else None,
+        "teacher_params": count_params(module.teacher) if getattr(module, "teacher", None) is not None else None,
         "best_ckpt": str(best.best_model_path),
-        "teacher_ckpt": str(teacher_ckpt) if teacher_ckpt else None,
+        "teacher_ckpt": str(teacher_ckpts[0]) if len(teacher_ckpts) == 1 else None,
+        "teacher_ckpts": [str(c) for c in teacher_ckpts],
         "output_dir": str(output_dir),
         "wall_seconds": time.perf_counter() - started,
     }
@@ -120,25 +126,26 @@ def ensure_teacher(cfg: DictConfig, datamodule: Any) -> Path:
     return cache.ckpt
 
 
-def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpt: Path | None) -> Run:
-    """Instantiate model, module (with the teacher of `teacher_ckpt` and its cached logits), callbacks, loggers
-    and trainer. Pure construction: nothing is trained here."""
+def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpts: list[Path]) -> Run:
+    """Instantiate model, module (with the method's teacher from `teacher_ckpts` and its cached logits),
+    callbacks, loggers and trainer. Pure construction: nothing is trained here."""
     module_kwargs: dict[str, Any] = {}
-    if teacher_ckpt is not None:
-        module_kwargs["teacher"] = load_net(teacher_ckpt, compose_teacher_config(cfg).model)
+    method = get_method(cfg.distill.method) if is_distillation(cfg) else None
+    if method is not None:
+        module_kwargs["teacher"] = method.load_teacher(cfg, teacher_ckpts)  # None for a method without one
 
     pl.seed_everything(cfg.seed, workers=True)  # after the teacher, so a cached one changes nothing
     net = instantiate(cfg.model)
     module = instantiate(cfg.module, net=net, **module_kwargs)
     module.net_config = OmegaConf.to_container(cfg.model, resolve=True)  # set after: instantiate would build it
-    if teacher_ckpt is not None and cfg.distill.cache_teacher_logits:
+    if teacher_ckpts and cfg.distill.cache_teacher_logits:
         module.use_cached_teacher_logits(
-            cached_teacher_logits(teacher_ckpt, module.teacher, datamodule, Path(cfg.paths.cache_dir))
+            method.cached_teacher_logits(module.teacher, teacher_ckpts, datamodule, Path(cfg.paths.cache_dir))
         )
     callbacks = [cb for c in (cfg.get("callbacks") or {}).values() if c is not None and (cb := instantiate(c)) is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    return Run(datamodule, module, trainer, teacher_ckpt)
+    return Run(datamodule, module, trainer, teacher_ckpts)
 
 
 def record(cfg: DictConfig, result: dict[str, Any], trainer: pl.Trainer, data_source: str | None) -> None:
@@ -154,7 +161,7 @@ def record(cfg: DictConfig, result: dict[str, Any], trainer: pl.Trainer, data_so
     # The results carry the resolved settings that produced them (read by the sweep report), written atomically.
     settings = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_text(Path(result["output_dir"]) / "metrics.json", json.dumps({**result, "config": settings}, indent=2))
-    if is_distillation(cfg):  # the cheap model card, teacher vs student (docs/export.md)
+    if result["teacher_ckpt"]:  # the cheap model card, teacher vs student (docs/export.md): one teacher
         write_card(Path(result["output_dir"]), cfg, device=trainer.strategy.root_device)
     print_summary(cfg, result)
 

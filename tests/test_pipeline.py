@@ -157,8 +157,8 @@ def test_build_is_pure_construction(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr("kd_lightning.train.train", no_training)
     monkeypatch.setattr(pl.Trainer, "fit", no_training)
-    run = build(cfg, datamodule, ckpt)
-    assert run.teacher_ckpt == ckpt and isinstance(run.module.teacher, MnistCNN)
+    run = build(cfg, datamodule, [ckpt])
+    assert run.teacher_ckpts == [ckpt] and isinstance(run.module.teacher, MnistCNN)
     assert not (tmp_path / "teachers").exists()
 
 

@@ -25,7 +25,7 @@ def tiny_run_overrides(tmp_path: Path) -> list[str]:
 def built(overrides: list[str]):
     """A classifier run as train.py builds it (no teacher)."""
     cfg = compose_train_config(overrides)
-    return build(cfg, prepare_data(cfg), None)
+    return build(cfg, prepare_data(cfg), [])
 
 
 def progress_bars(trainer) -> list[ProgressBar]:

@@ -44,7 +44,7 @@ def test_grid_sweep_report(grid: tuple[Path, list[str]]) -> None:
         assert int(row["best_epoch"]) == metrics["best_epoch"] and float(row["wall_seconds"]) > 0
 
     table = (sweep / "results.md").read_text().splitlines()
-    settings = [line for line in table if line.startswith("| hard_soft")]
+    settings = [line for line in table if line.startswith("| kd") and "| hard_soft |" in line]
     assert len(settings) == 4 and "**(best)**" in settings[0]
     best_val = max(float(r["val_acc"]) for r in rows)
     assert f"| {best_val:.4f} |" in settings[0]

@@ -55,6 +55,8 @@ def not_batchable(cfg: DictConfig) -> str | None:
         return "the model is not an MLP without dropout"
     if not issubclass(get_class(cfg.data._target_), MNISTDataModule):
         return "the data is not an MNIST-style DataModule (no random augmentation)"
+    if cfg.distill.get("method", "kd") != "kd":
+        return f"distill.method={cfg.distill.method} (the stacked loop trains kd's loss groups)"
     if not cfg.distill.cache_teacher_logits:
         return "distill.cache_teacher_logits=false"
     if cfg.module.get("scheduler") is not None or cfg.module.get("compile") or cfg.module.get("label_smoothing"):

@@ -376,7 +376,8 @@ def finish(s: Student, base: torch.nn.Module, buffer_names: set[str], datamodule
     result: dict[str, Any] = {
         **test, **fit_facts(s.best),
         "data_source": datamodule.source, "params": params, "teacher_params": count_params(teacher),
-        "best_ckpt": s.best.best_model_path, "teacher_ckpt": str(teacher_ckpt), "output_dir": str(job.dir),
+        "best_ckpt": s.best.best_model_path, "teacher_ckpt": str(teacher_ckpt),
+        "teacher_ckpts": [str(teacher_ckpt)], "output_dir": str(job.dir),
         "wall_seconds": wall_seconds,
     }
     hp_metrics = {f"hp/{k.replace('/', '_')}": v for k, v in result.items()

@@ -25,6 +25,7 @@ class CifarResNet(ResNet):
             raise ValueError(f"stages={stages} is not a number of ResNet stages; expected 1, 2, 3 or 4")
         super().__init__(BasicBlock, list(layers), num_classes=num_classes)
         self.num_classes = num_classes
+        self.feature_layers = STAGES[:stages]  # the kept stages' outputs, for feature-based distillation
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # as ResNet inits convs
         self.maxpool = nn.Identity()

@@ -111,9 +111,12 @@ class ClassifierModule(pl.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._eval_step("test", batch)  # the logits, for callbacks (TensorBoardFigures)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer gets: the net's parameters only (subclasses hold frozen modules, e.g. a teacher)."""
+        return list(self.net.parameters())
+
     def configure_optimizers(self) -> Any:
-        # The net's parameters only: subclasses may hold other (frozen) modules that must not be optimized.
-        optimizer = self.optimizer_factory(params=self.net.parameters())
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)}}

@@ -1,7 +1,9 @@
-"""DistillModule: a student trained against a frozen teacher with the loss group named by `distill.group`."""
+"""DistillModule: a student trained against a frozen teacher with the method named by `distill.method` (kd:
+the loss group named by `distill.group`)."""
 
+import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -9,8 +11,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from kd_lightning.losses import get_loss_group, kd_loss, soft_targets
+from kd_lightning.losses import kd_loss, soft_targets
+from kd_lightning.methods import Method, StepInputs, get_method
+from kd_lightning.methods.base import capture
 from kd_lightning.modules.classifier import ClassifierModule
+
+log = logging.getLogger(__name__)
 
 TEACHER_PREFIX = "teacher."
 
@@ -19,34 +25,49 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 
 class DistillModule(ClassifierModule):
-    """Student `net` plus a frozen `teacher`.
+    """Student `net` plus a frozen `teacher` (None for a method without one) and the distillation `method`.
 
     The teacher never trains: its parameters have requires_grad=False, the optimizer gets the student's
-    parameters only, and `train()` keeps it in eval mode whatever Lightning switches (dropout in a teacher
+    parameters (and the method's own parts) only, and `train()` keeps it in eval mode whatever Lightning switches (dropout in a teacher
     would otherwise make its targets noisy). It is left out of checkpoints: a student checkpoint holds the
     student alone and loads into a plain ClassifierModule.
 
-    Logs `train/loss` and the group's terms (`train/hard_loss`, `train/soft_loss`); on val/test, besides loss
-    (cross-entropy on the labels) and acc, `soft_loss` (the KD term), `agreement` (top-1 match with the
-    teacher) and `teacher_acc`.
+    The method (kd_lightning/methods) computes the training loss; its own trainable parts (e.g. FitNet's
+    regressor) are `method.*` parameters, trained with the student and saved in its checkpoint, never needed
+    at inference. Logs `train/loss` and the method's terms (kd: `train/hard_loss`, `train/soft_loss`); on
+    val/test, besides loss (cross-entropy on the labels) and acc, with a teacher: `soft_loss` (the KD term at
+    T), `agreement` (top-1 match with the teacher) and `teacher_acc`.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         group: str = "hard_soft",
         T: float = 2.0,
         alpha: float = 0.8,
         compile: bool = False,
+        method: str = "kd",
+        method_hparams: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(net, optimizer, scheduler, compile)
         self.group, self.T, self.alpha = group, T, alpha
-        self.loss_fn, self.needs_teacher = get_loss_group(group)
-        self.teacher = teacher.eval().requires_grad_(False)
+        method_cls = get_method(method)
+        distill = {"group": group, "T": T, "alpha": alpha, method: method_hparams}
+        method_cls.check(distill)
+        self.method: Method = method_cls(distill)
+        self.loss_fn = getattr(self.method, "loss_fn", None)  # kd's loss group, as before the registry
+        if method_cls.uses_teacher and teacher is None:
+            raise ValueError(f"distill.method={method} needs a teacher")
+        self.teacher = teacher.eval().requires_grad_(False) if method_cls.uses_teacher else None
+        self.method.bind(net, self.teacher)
+        self.needs_teacher = self.method.needs_teacher_targets or bool(self.method.teacher_layers)
+        self.method_built = False
         self.cached_splits: set[str] = set()
+        if self.teacher is None:
+            return
         for metrics in self.eval_metrics.values():
             metrics.add_metrics(
                 {
@@ -56,6 +77,36 @@ class DistillModule(ClassifierModule):
                 }
             )
 
+    def setup(self, stage: str) -> None:
+        self.build_method(getattr(self.trainer.datamodule, "input_shape", None))
+
+    def build_method(self, input_shape: tuple[int, ...] | None) -> None:
+        """Let the method make its feature-shaped parts from one probe batch (zeros; eval mode, no grad, so
+        no BatchNorm statistics move), once, before the optimizer is made and before a checkpoint is loaded."""
+        if self.method_built:
+            return
+        self.method_built = True
+        if self.method.teacher_layers:
+            log.info("distill.method=%s reads teacher features: the teacher runs online on every training batch",
+                     self.method.name)
+        if not (self.method.student_layers or self.method.teacher_layers):
+            return
+        if input_shape is None:
+            raise ValueError(f"distill.method={self.method.name} reads features: the datamodule must declare input_shape")
+        x = torch.zeros(2, *input_shape)
+        was_training = self.net.training
+        with torch.no_grad(), capture(self.net.eval(), self.method.student_layers) as features:
+            self.net(x)
+            teacher_features = {}
+            if self.method.teacher_layers:
+                with capture(self.teacher, self.method.teacher_layers) as teacher_features:
+                    self.teacher(x)
+        self.net.train(was_training)
+        self.method.build(features, teacher_features)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.net.parameters(), *self.method.parameters()]
+
     def configure_model(self) -> None:
         super().configure_model()
         if self.compile_net and self.needs_teacher and "train" not in self.cached_splits:
@@ -63,19 +114,24 @@ class DistillModule(ClassifierModule):
 
     def train(self, mode: bool = True) -> "DistillModule":
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     def use_cached_teacher_logits(self, logits: dict[str, Tensor]) -> None:
         """Look the teacher's outputs up by dataset index, for the splits in `logits`, instead of running it.
 
-        Training needs the teacher's `soft_targets` at this run's T only: they are computed once here. Val/test
+        Training needs the teacher's `soft_targets` at the method's T only: they are computed once here. Val/test
         keep the logits (agreement, teacher accuracy). Non-persistent buffers: they move to the module's
-        device and are never written to checkpoints.
+        device and are never written to checkpoints. A method reading teacher features runs the teacher on
+        training batches anyway, so it takes its targets from that run.
         """
+        if self.method.teacher_layers:
+            logits = {split: v for split, v in logits.items() if split != "train"}
         for split, split_logits in logits.items():
             if split == "train":
-                self.register_buffer("cached_soft_targets_train", soft_targets(split_logits, self.T), persistent=False)
+                self.register_buffer("cached_soft_targets_train", soft_targets(split_logits, self.method.T),
+                                     persistent=False)
             else:
                 self.register_buffer(f"cached_teacher_logits_{split}", split_logits, persistent=False)
         self.cached_splits = set(logits)
@@ -90,18 +146,29 @@ class DistillModule(ClassifierModule):
         """The teacher's log-probabilities at T for a training batch: a cache lookup, or the teacher run now."""
         if "train" in self.cached_splits:
             return self.cached_soft_targets_train.index_select(0, idx)  # faster than [idx] for a 1-D index
-        return soft_targets(self.teacher_logits(x, idx, "train"), self.T)
+        return soft_targets(self.teacher_logits(x, idx, "train"), self.method.T)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, idx = batch
-        student_logits = self.net(x)
-        teacher_log_probs = self.teacher_soft_targets(x, idx) if self.needs_teacher else None
-        terms = self.loss_fn(student_logits, teacher_log_probs, y, self.T, self.alpha)
+        method = self.method
+        with capture(self.net, method.student_layers) as features:
+            student_logits = self.net(x)
+        step = StepInputs(student_logits, y, features=features)
+        if method.teacher_layers:  # the teacher runs now, features and all
+            with torch.no_grad(), capture(self.teacher, method.teacher_layers) as step.teacher_features:
+                step.teacher_log_probs = soft_targets(self.teacher(x), method.T)
+        elif method.needs_teacher_targets:
+            step.teacher_log_probs = self.teacher_soft_targets(x, idx)
+        if self._trainer is not None:  # fractional epochs so far, for warm-ups
+            step.progress = self.current_epoch + batch_idx / max(self.trainer.num_training_batches, 1)
+        terms = method(step)
         self.log_train_terms(terms, len(y))
         return terms["loss"]
 
     def _eval_step(self, stage: str, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         student_logits = super()._eval_step(stage, batch)
+        if self.teacher is None:
+            return student_logits
         teacher_logits = self.teacher_logits(batch[0], batch[2], stage)
         metrics = self.eval_metrics[stage]
         metrics["soft_loss"].update(kd_loss(student_logits, teacher_logits, self.T), weight=len(teacher_logits))
@@ -120,4 +187,5 @@ class DistillModule(ClassifierModule):
         super().on_load_checkpoint(checkpoint)
         # Put the current teacher's weights back so strict loading passes and the teacher stays as it is.
         state = checkpoint["state_dict"]
-        state.update({TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
+        if self.teacher is not None:
+            state.update({TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})

@@ -1,0 +1,99 @@
+"""multi_teacher: KD from several teachers whose softened outputs are averaged (optionally weighted), the
+ensemble-averaged targets of Hinton et al. 2015 / You et al. 2017:
+    target(T) = sum_i w_i softmax(z_i / T),   loss = kd's `distill.group` loss against target(T).
+The ensemble is a TeacherEnsemble whose "logits" are T * log target(T), so that softmax(logits / T) is exactly
+the averaged target and everything kd does (cached soft targets, val/test agreement and teacher accuracy,
+the KD term) applies unchanged; with identical teachers it is kd.
+
+Teachers: `distill.multi_teacher.teachers`, a list of specs shaped like the `teacher:` config (experiment,
+overrides, ckpt_path). Each is ensured exactly as the single teacher is (train.py's ensure_teacher: its own
+cache entry, trained once if needed) and each has its own logit cache; the ensemble's logits are combined
+from those. `weights`: null (equal) or one non-negative weight per teacher (normalized to sum 1).
+"""
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.methods.kd import KD
+
+
+def ensemble_logits(logits: Sequence[Tensor], weights: Tensor, T: float) -> Tensor:
+    """T * log sum_i w_i softmax(z_i / T): logits whose softmax at T is the weighted mean of the teachers'."""
+    log_probs = torch.stack([F.log_softmax(z / T, dim=-1) for z in logits])  # (teachers, N, C)
+    log_w = weights.to(log_probs).log().view(-1, *[1] * (log_probs.dim() - 1))
+    return T * torch.logsumexp(log_probs + log_w, dim=0)
+
+
+class TeacherEnsemble(nn.Module):
+    def __init__(self, teachers: Sequence[nn.Module], weights: Tensor, T: float) -> None:
+        super().__init__()
+        self.teachers = nn.ModuleList(teachers)
+        self.register_buffer("weights", weights, persistent=False)
+        self.T = T
+        self.num_classes = teachers[0].num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ensemble_logits([t(x) for t in self.teachers], self.weights, self.T)
+
+
+def normalized_weights(weights: Sequence[float] | None, n: int) -> Tensor:
+    if weights is None:
+        return torch.full((n,), 1.0 / n)
+    w = torch.tensor([float(v) for v in weights])
+    return w / w.sum()
+
+
+class MultiTeacher(KD):
+    name = "multi_teacher"
+
+    @classmethod
+    def check(cls, distill: Mapping[str, Any]) -> None:
+        section = distill.get(cls.name) or {}
+        teachers, weights = section.get("teachers"), section.get("weights")
+        if not teachers or not all(isinstance(t, Mapping) and t.get("experiment") for t in teachers):
+            raise ConfigError(f"distill.multi_teacher.teachers={teachers!r} is not accepted: a non-empty list of "
+                              "teacher specs, each with an experiment (and optional overrides, ckpt_path)")
+        if weights is not None and (
+            len(weights) != len(teachers) or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0
+                                                 for w in weights) or sum(weights) <= 0
+        ):
+            raise ConfigError(f"distill.multi_teacher.weights={list(weights)!r} is not accepted: null (equal) or "
+                              f"{len(teachers)} non-negative weights, not all 0")
+
+    @classmethod
+    def teacher_runs(cls, cfg: Any) -> list[Any]:
+        """The run's config once per spec, `teacher:` replaced by it: each teacher has its own cache entry."""
+        runs = []
+        for spec in cfg.distill.multi_teacher.teachers:
+            one = cfg.copy()
+            one.teacher = OmegaConf.merge({"ckpt_path": None, "overrides": []}, spec)
+            runs.append(one)
+        return runs
+
+    @classmethod
+    def load_teacher(cls, cfg: Any, ckpts: list[Path]) -> nn.Module | None:
+        """The ensemble of the teachers of `teacher_runs`, each rebuilt from its checkpoint."""
+        from kd_lightning.checkpoints import load_net
+        from kd_lightning.teacher import compose_teacher_config
+
+        teachers = [load_net(ckpt, compose_teacher_config(run).model) for run, ckpt in zip(cls.teacher_runs(cfg), ckpts)]
+        weights = normalized_weights(cfg.distill.multi_teacher.get("weights"), len(teachers))
+        return TeacherEnsemble(teachers, weights, cfg.distill.T)
+
+    @classmethod
+    def cached_teacher_logits(cls, teacher: nn.Module, ckpts: list[Path], datamodule: Any, cache_dir: Path
+                              ) -> dict[str, Tensor]:
+        """Each teacher's logits from its own cache, combined into the ensemble's."""
+        from kd_lightning.teacher import cached_teacher_logits
+
+        assert isinstance(teacher, TeacherEnsemble)
+        per_teacher = [cached_teacher_logits(c, t, datamodule, cache_dir) for c, t in zip(ckpts, teacher.teachers)]
+        return {split: ensemble_logits([p[split] for p in per_teacher], teacher.weights, teacher.T)
+                for split in per_teacher[0]}

@@ -1,0 +1,84 @@
+"""rkd: relational KD (Park et al. 2019): the student's embeddings of a batch are made to relate to each other
+as the teacher's do, by distance (pairwise distances, each divided by the batch's mean distance) and angle
+(cosines of the angles every triplet forms), both compared with the Huber (smooth L1) loss:
+    loss = ce_weight * CE + distance_weight * L_distance + angle_weight * L_angle
+with the paper's weights 25 and 50. Both terms are unchanged when either side's embeddings are scaled, and
+student and teacher embeddings may have different widths (no parameters).
+
+Layers: null takes the penultimate embedding of each net, the input of its last nn.Linear (`fc:input` on the
+CIFAR ResNets, `classifier.3:input` on MnistCNN); a feature map given instead is flattened.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_lightning.methods.base import (
+    LossTerms,
+    Method,
+    StepInputs,
+    find_module,
+    last_linear_input,
+    layer_spec,
+    non_negative,
+)
+
+
+def pairwise_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
+    """Euclidean distances between the rows of e, with an exact 0 diagonal (and a finite gradient there)."""
+    sq = e.pow(2).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * e @ e.T).clamp(min=eps).sqrt()
+    return d * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))
+
+
+def distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    def normalized(e: Tensor) -> Tensor:
+        d = pairwise_distances(e)
+        return d / d[d > 0].mean()
+
+    with torch.no_grad():
+        t = normalized(teacher)
+    return F.smooth_l1_loss(normalized(student), t)
+
+
+def angles(e: Tensor) -> Tensor:
+    """cos of the angle at j of every triplet (i, j, k): <unit(e_i - e_j), unit(e_k - e_j)>."""
+    diff = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)
+    return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+
+
+def angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    with torch.no_grad():
+        t = angles(teacher)
+    return F.smooth_l1_loss(angles(student), t)
+
+
+class RKD(Method):
+    name = "rkd"
+    hparams = {"student_layer": layer_spec, "teacher_layer": layer_spec, "distance_weight": non_negative,
+               "angle_weight": non_negative, "ce_weight": non_negative}
+
+    def __init__(self, distill: Mapping[str, Any]) -> None:
+        super().__init__(distill)
+        self.distance_weight, self.angle_weight = self.hp["distance_weight"], self.hp["angle_weight"]
+        self.ce_weight = self.hp["ce_weight"]
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        s = self.hp["student_layer"] or last_linear_input(student)
+        find_module(student, s, "distill.rkd.student_layer")
+        self.student_layers = [s]
+        if teacher is not None:
+            t = self.hp["teacher_layer"] or last_linear_input(teacher)
+            find_module(teacher, t, "distill.rkd.teacher_layer")
+            self.teacher_layers = [t]
+
+    def forward(self, step: StepInputs) -> LossTerms:
+        ce = F.cross_entropy(step.logits, step.labels)
+        s = step.features[self.student_layers[0]].flatten(1)
+        t = step.teacher_features[self.teacher_layers[0]].flatten(1)
+        dist, angle = distance_loss(s, t), angle_loss(s, t)
+        loss = self.ce_weight * ce + self.distance_weight * dist + self.angle_weight * angle
+        return {"loss": loss, "hard_loss": ce, "distance_loss": dist, "angle_loss": angle}
