@@ -21,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch import nn
 
 from kd_lightning import config  # also registers the ${kd_root:} and ${kd_if_null:} resolvers
 from kd_lightning.card import write_card
-from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint, load_checkpoint
+from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint, load_checkpoint, load_net
 from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError, Interrupted, exit_on_error
 from kd_lightning.launch import is_first_rank, wait_for_file
@@ -33,7 +34,7 @@ from kd_lightning.models.stats import count_params
 from kd_lightning.run_dir import resume_dir_error
 from kd_lightning.summary import hparams_of, print_summary
 from kd_lightning.sweeps import run_sweep_job
-from kd_lightning.teacher import TeacherCache, compose_teacher_config
+from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_teacher_config
 from kd_lightning.validation import check_num_classes, check_splits, validate_config
 
 log = logging.getLogger(__name__)
@@ -126,13 +127,18 @@ def ensure_teacher(cfg: DictConfig, datamodule: Any) -> Path:
     return cache.ckpt
 
 
+def load_teacher(run_cfg: DictConfig, ckpt: Path) -> nn.Module:
+    """The teacher net named by `run_cfg.teacher`, rebuilt from its checkpoint."""
+    return load_net(ckpt, compose_teacher_config(run_cfg).model)
+
+
 def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpts: list[Path]) -> Run:
     """Instantiate model, module (with the method's teacher from `teacher_ckpts` and its cached logits),
     callbacks, loggers and trainer. Pure construction: nothing is trained here."""
     module_kwargs: dict[str, Any] = {}
     method = get_method(cfg.distill.method) if is_distillation(cfg) else None
     if method is not None:
-        module_kwargs["teacher"] = method.load_teacher(cfg, teacher_ckpts)  # None for a method without one
+        module_kwargs["teacher"] = method.load_teacher(cfg, teacher_ckpts, load_teacher)  # None: no teacher
 
     pl.seed_everything(cfg.seed, workers=True)  # after the teacher, so a cached one changes nothing
     net = instantiate(cfg.model)
@@ -140,7 +146,8 @@ def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpts: li
     module.net_config = OmegaConf.to_container(cfg.model, resolve=True)  # set after: instantiate would build it
     if teacher_ckpts and cfg.distill.cache_teacher_logits:
         module.use_cached_teacher_logits(
-            method.cached_teacher_logits(module.teacher, teacher_ckpts, datamodule, Path(cfg.paths.cache_dir))
+            method.cached_teacher_logits(module.teacher, teacher_ckpts, lambda ckpt, net: cached_teacher_logits(
+                ckpt, net, datamodule, Path(cfg.paths.cache_dir)))
         )
     callbacks = [cb for c in (cfg.get("callbacks") or {}).values() if c is not None and (cb := instantiate(c)) is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]

@@ -395,7 +395,7 @@ def test_no_teacher_method_builds_no_teacher() -> None:
     cfg = compose_train_config(["experiment=soft"])
     for method in ("label_smoothing", "tf_kd"):
         assert get_method(method).teacher_runs(cfg) == []  # train.py ensures (trains) no teacher
-        assert get_method(method).load_teacher(cfg, []) is None
+        assert get_method(method).load_teacher(cfg, [], lambda *a: pytest.fail("a teacher was loaded")) is None
     assert get_method("kd").teacher_runs(cfg) == [cfg]
 
 

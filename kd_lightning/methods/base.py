@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from kd_lightning.errors import ConfigError
 
 LossTerms = dict[str, Tensor]
+TeacherLoader = Callable[[Any, Path], nn.Module]  # (the run's config naming one teacher, its ckpt) -> net
+TeacherLogits = Callable[[Path, nn.Module], dict[str, Tensor]]  # (ckpt, net) -> its cached logits per split
 INPUT_SUFFIX = ":input"  # "fc:input" reads what goes into module `fc` (e.g. the penultimate embedding)
 
 
@@ -119,22 +121,17 @@ class Method(nn.Module):
         (cached, or trained now) before building. [] for a method without a teacher."""
         return [cfg] if cls.uses_teacher else []
 
+    # The orchestrator (train.py) passes the loading functions in: methods never import the teacher cache.
     @classmethod
-    def load_teacher(cls, cfg: Any, ckpts: list[Path]) -> nn.Module | None:
-        """The teacher net the module distills from, rebuilt from the checkpoint(s) of `teacher_runs`."""
-        if not ckpts:
-            return None
-        from kd_lightning.checkpoints import load_net
-        from kd_lightning.teacher import compose_teacher_config
-
-        return load_net(ckpts[0], compose_teacher_config(cfg).model)
+    def load_teacher(cls, cfg: Any, ckpts: list[Path], load: TeacherLoader) -> nn.Module | None:
+        """The teacher net the module distills from: `load(run_cfg, ckpt)` for each of `teacher_runs`."""
+        return load(cfg, ckpts[0]) if ckpts else None
 
     @classmethod
-    def cached_teacher_logits(cls, teacher: nn.Module, ckpts: list[Path], datamodule: Any, cache_dir: Path
+    def cached_teacher_logits(cls, teacher: nn.Module, ckpts: list[Path], logits_of: TeacherLogits
                               ) -> dict[str, Tensor]:
-        from kd_lightning.teacher import cached_teacher_logits
-
-        return cached_teacher_logits(ckpts[0], teacher, datamodule, cache_dir)
+        """The teacher's logits per split, `logits_of(ckpt, net)` being the cached logits of one teacher."""
+        return logits_of(ckpts[0], teacher)
 
 
 # ---- features without model surgery ----------------------------------------------------------------------------

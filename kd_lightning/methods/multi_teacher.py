@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.methods.base import TeacherLoader, TeacherLogits
 from kd_lightning.methods.kd import KD
 
 
@@ -78,22 +79,17 @@ class MultiTeacher(KD):
         return runs
 
     @classmethod
-    def load_teacher(cls, cfg: Any, ckpts: list[Path]) -> nn.Module | None:
+    def load_teacher(cls, cfg: Any, ckpts: list[Path], load: TeacherLoader) -> nn.Module | None:
         """The ensemble of the teachers of `teacher_runs`, each rebuilt from its checkpoint."""
-        from kd_lightning.checkpoints import load_net
-        from kd_lightning.teacher import compose_teacher_config
-
-        teachers = [load_net(ckpt, compose_teacher_config(run).model) for run, ckpt in zip(cls.teacher_runs(cfg), ckpts)]
+        teachers = [load(run, ckpt) for run, ckpt in zip(cls.teacher_runs(cfg), ckpts)]
         weights = normalized_weights(cfg.distill.multi_teacher.get("weights"), len(teachers))
         return TeacherEnsemble(teachers, weights, cfg.distill.T)
 
     @classmethod
-    def cached_teacher_logits(cls, teacher: nn.Module, ckpts: list[Path], datamodule: Any, cache_dir: Path
+    def cached_teacher_logits(cls, teacher: nn.Module, ckpts: list[Path], logits_of: TeacherLogits
                               ) -> dict[str, Tensor]:
         """Each teacher's logits from its own cache, combined into the ensemble's."""
-        from kd_lightning.teacher import cached_teacher_logits
-
         assert isinstance(teacher, TeacherEnsemble)
-        per_teacher = [cached_teacher_logits(c, t, datamodule, cache_dir) for c, t in zip(ckpts, teacher.teachers)]
+        per_teacher = [logits_of(c, t) for c, t in zip(ckpts, teacher.teachers)]
         return {split: ensemble_logits([p[split] for p in per_teacher], teacher.weights, teacher.T)
                 for split in per_teacher[0]}
