@@ -54,6 +54,7 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
             for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow  # several full runs in-process
 def test_batched_jobs_equal_separate_runs(common: list[str], tmp_path: Path) -> None:
     alone = [train(config(common, o, tmp_path / "alone" / str(i))) for i, o in enumerate(JOBS)]
     jobs = [Job(config(common, o, tmp_path / "batched" / str(i)), o) for i, o in enumerate(JOBS)]
@@ -85,6 +86,7 @@ def test_batched_jobs_equal_separate_runs(common: list[str], tmp_path: Path) -> 
         load_net(run_batched / "checkpoints" / "best.ckpt")  # what eval.py and tracin.py do
 
 
+@pytest.mark.slow  # several full runs in-process
 def test_a_non_finite_loss_fails_its_own_job_only(common: list[str], tmp_path: Path, monkeypatch) -> None:
     """A NaN injected into the student with T=4: its job gets failed.json, the others train as without it."""
     import kd_lightning.batched.stacked as stacked
@@ -140,6 +142,7 @@ def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path
     assert (sweep / "results.md").is_file() and (sweep / "curves.png").is_file()
 
 
+@pytest.mark.slow  # several full runs in-process
 def test_an_interrupted_group_resumes_where_it_stopped(common: list[str], tmp_path: Path, monkeypatch) -> None:
     """Ctrl-C / SIGTERM during epoch 2: running the group again continues after epoch 1 and ends where an
     uninterrupted run ends (weights, metrics, checkpoints)."""

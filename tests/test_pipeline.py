@@ -177,6 +177,7 @@ def tiny(tmp_path: Path, run: str, *teacher_overrides: str) -> DictConfig:
     ])
 
 
+@pytest.mark.slow  # several full runs in-process
 def test_another_teacher_config_never_reuses_a_cached_teacher(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Issue 11 items 1 and 5: a teacher trained on 3 batches is not reused for one of 2 batches; the stored
     config is compared on reuse; a damaged cached teacher.ckpt is retrained."""
