@@ -16,7 +16,6 @@ import json
 import logging
 import platform
 import shlex
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 
 from kd_lightning import config
 from kd_lightning.checkpoints import atomic_write, load_net
-from kd_lightning.errors import InputError
+from kd_lightning.errors import InputError, exit_on_error
 from kd_lightning.models.stats import mult_adds
 
 log = logging.getLogger(__name__)
@@ -368,12 +367,9 @@ def plot(card: dict[str, Any]) -> Figure:
 
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="card")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_error(log):
         card = write_card(Path(cfg.student_run), timing=cfg.timing, threads=cfg.threads,
                           min_run_time=cfg.min_run_time)
-    except InputError as err:
-        log.error("%s", err)
-        sys.exit(2)
     print(markdown(card))
     print(f"Written to {Path(cfg.student_run) / 'MODEL_CARD.md'} and card.png")
 

@@ -43,14 +43,15 @@ class Interrupted(Exception):
 
 
 @contextmanager
-def exit_on_error(log: logging.Logger) -> Iterator[None]:
-    """Bad input: its one line, exit code 2. A NaN loss: its line, exit 1. Ctrl-C / SIGTERM: 130 / 143."""
+def exit_on_error(log: logging.Logger, failures: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """The entry points' exits. Bad input: its one line, exit code 2. A NaN loss (or one of the entry point's own
+    `failures`, e.g. an export that does not match): its line, exit 1. Ctrl-C / SIGTERM: 130 / 143."""
     try:
         yield
     except InputError as err:
         log.error("%s", err)
         sys.exit(2)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, *failures) as err:
         log.error("%s", err)
         sys.exit(1)
     except Interrupted as err:

@@ -16,7 +16,6 @@ The test split is the one the checkpoint's run trained on (its run dir's `.hydra
 
 import importlib.util
 import logging
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 
 from kd_lightning import config
 from kd_lightning.checkpoints import atomic_write, load_net
-from kd_lightning.errors import ConfigError, InputError
+from kd_lightning.errors import ConfigError, exit_on_error
 
 log = logging.getLogger(__name__)
 for name in ("onnxscript", "onnx_ir"):  # the ONNX exporter logs each of its optimization passes at INFO
@@ -211,14 +210,8 @@ def export(cfg: DictConfig) -> list[Check]:
 
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_error(log, failures=(ExportMismatch,)):
         export(cfg)
-    except InputError as err:
-        log.error("%s", err)
-        sys.exit(2)
-    except ExportMismatch as err:
-        log.error("%s", err)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

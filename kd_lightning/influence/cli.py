@@ -10,7 +10,6 @@ which both saved a checkpoint, compared (conf/tracin.yaml). Writes to its Hydra 
 
 import json
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from torch import Tensor
 from kd_lightning import config  # registers the ${kd_root:} resolver
 from kd_lightning.checkpoints import load_net
 from kd_lightning.data import KDDataModule
-from kd_lightning.errors import ConfigError, InputError
+from kd_lightning.errors import ConfigError, InputError, exit_on_error
 from kd_lightning.influence import compare
 from kd_lightning.influence.gradients import GradientEmbedder, RandomProjection, select_parameters
 from kd_lightning.influence.tracin import (
@@ -238,11 +237,8 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="tracin")
 def main(cfg: DictConfig) -> None:
     matplotlib.use("Agg")  # figures are written to files; never open a window
-    try:
+    with exit_on_error(log):
         analyse(cfg)
-    except InputError as err:
-        log.error("%s", err)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
