@@ -123,7 +123,7 @@ def test_grouping_and_fallback_reasons(common: list[str], tmp_path: Path) -> Non
 def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path: Path) -> None:
     """`python train.py -m ... hydra/launcher=batched`: batchable jobs train together, the others (no logit
     cache) the ordinary way; every job dir as the basic launcher writes it, and the sweep report."""
-    from conftest import run_script
+    from helpers import run_script
 
     sweep = tmp_path / "sweep"
     overrides = [o for o in common if not o.startswith("+trainer.precision")]
