@@ -301,10 +301,12 @@ def test_cifar10_soft_through_train_py(tmp_path: Path, offline_overrides: list[s
     site = write_checksum_sitecustomize(tmp_path / "site", {"CIFAR10": checksums})
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p))
     short = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
+    loader = ["data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=8"]
     proc = run_script(
         "train.py", "experiment=cifar10_soft", *offline_overrides, *short,
-        "teacher.overrides=[" + ",".join(f"'{o}'" for o in short) + "]",
-        "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=8", f"hydra.run.dir={tmp_path / 'run'}",
+        # The teacher's loader settings are its own recipe's (a student's never reach it): small batches for both.
+        "teacher.overrides=[" + ",".join(f"'{o}'" for o in [*short, *loader]) + "]",
+        *loader, f"hydra.run.dir={tmp_path / 'run'}",
     )
     out = proc.stdout + proc.stderr
     assert "Training the teacher (experiment=cifar10_teacher)" in out and "Run summary" in out
