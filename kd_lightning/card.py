@@ -128,9 +128,7 @@ def run_config(run_dir: Path) -> DictConfig:
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise InputError(f"{run_dir} has no .hydra/config.yaml: pass a train.py run dir (logs/train/runs/<time>)")
-    cfg = OmegaConf.load(saved)
-    cfg.paths.output_dir = str(run_dir)
-    return cfg
+    return config.saved_run_config(run_dir)
 
 
 def recorded_overrides(run_dir: Path | None) -> list[str] | None:

@@ -75,6 +75,19 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def saved_run_config(run_dir: str | Path) -> DictConfig:
+    """A train.py run dir's `.hydra/config.yaml`, resolvable outside its Hydra job: what Hydra filled in at run
+    time is set (the output dir; the trainer choice, from the run's `.hydra/hydra.yaml`)."""
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg.paths.output_dir = str(run_dir)
+    if "trainer_choice" in cfg and OmegaConf.is_interpolation(cfg, "trainer_choice"):
+        record = run_dir / ".hydra" / "hydra.yaml"
+        choices = OmegaConf.load(record).hydra.runtime.choices if record.is_file() else {}
+        cfg.trainer_choice = choices.get("trainer", "default")
+    return cfg
+
+
 def is_distillation(cfg: Mapping[str, Any]) -> bool:
     """Whether a run's config distills a teacher into a student: its module is a DistillModule (or subclass).
     Takes a DictConfig or the plain mapping of a saved `.hydra/config.yaml`."""

@@ -26,7 +26,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from kd_lightning import config
@@ -62,9 +62,7 @@ def run_dir_of(ckpt: Path) -> Path | None:
 
 def run_config(run_dir: Path) -> DictConfig:
     """The saved config of a run dir, resolvable outside its Hydra job (its output dir set to that dir)."""
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    cfg.paths.output_dir = str(run_dir)
-    return cfg
+    return config.saved_run_config(run_dir)
 
 
 def data_config_for(ckpt: Path, cfg: DictConfig) -> DictConfig:

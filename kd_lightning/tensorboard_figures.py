@@ -19,6 +19,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from kd_lightning.config import saved_run_config
+
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 
 
@@ -55,8 +57,7 @@ class TensorBoardFigures(Callback):
         writer, step = writer_logger.experiment, trainer.global_step
         writer.add_figure("test/confusion_matrix", confusion_figure(confusion), step)
         if self.run_dir and (saved := self.run_dir / ".hydra" / "config.yaml").is_file():
-            cfg = OmegaConf.load(saved)
-            cfg.paths.output_dir = str(self.run_dir)  # ${hydra:...} does not resolve outside the Hydra job
+            cfg = saved_run_config(saved.parent.parent)  # resolvable in spawned DDP ranks too (no Hydra there)
             # Markdown code block: TensorBoard renders text as Markdown, which would eat the YAML's indentation.
             writer.add_text("config", "```\n" + OmegaConf.to_yaml(cfg, resolve=True) + "```", step)
         teacher, T = getattr(pl_module, "teacher", None), getattr(pl_module, "T", None)

@@ -197,11 +197,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     (a damaged one is named and skipped); `key=value` overrides (e.g. trainer.max_epochs=20) apply on top."""
     if error := resume_dir_error(run_dir):
         raise ConfigError(error)
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    hydra_record = run_dir / ".hydra" / "hydra.yaml"  # the trainer config the run chose (its teacher's too)
-    if "trainer_choice" in cfg and hydra_record.is_file():
-        cfg.trainer_choice = OmegaConf.load(hydra_record).hydra.runtime.choices.get("trainer", "default")
-    cfg.paths.output_dir = str(run_dir.resolve())
+    cfg = config.saved_run_config(run_dir.resolve())  # with the trainer the run chose (its teacher's too)
     checkpoint = intact_checkpoint(run_dir / "checkpoints")
     cfg.ckpt_path = str(checkpoint) if checkpoint else "last"  # "last" without one: train() says it starts anew
     cfg.resume = None

@@ -75,9 +75,7 @@ def run_config(run_dir: Path) -> DictConfig:
         raise InputError(f"run dir {run_dir} does not exist: pass a train.py run dir (logs/train/runs/<time>)")
     if not saved.is_file():
         raise InputError(f"{run_dir} has no .hydra/config.yaml: pass a train.py run dir (logs/train/runs/<time>)")
-    cfg = OmegaConf.load(saved)
-    cfg.paths.output_dir = str(run_dir)
-    return cfg
+    return config.saved_run_config(run_dir)
 
 
 def teacher_ckpt_of(student_run: Path) -> Path | None:
