@@ -118,8 +118,11 @@ def torchrun_run(work: Path) -> tuple[Path, list[str]]:
 
 @pytest.fixture(scope="module")
 def reference(work: Path, torchrun_run: tuple[Path, list[str]]) -> dict:
-    """The same run with trainer=ddp_cpu: 2 ranks spawned by the job itself."""
-    run_script("train.py", *STUDENT, *offline(work), "trainer=ddp_cpu", f"hydra.run.dir={work / 'reference'}")
+    """The same run with trainer=ddp_cpu: 2 ranks spawned by the job itself, from the teacher the torchrun run got
+    (the trainer a teacher is trained with is part of its cache key: ddp_cpu alone would train its own)."""
+    teacher = metrics_of(torchrun_run[0])["teacher_ckpt"]
+    run_script("train.py", *STUDENT, *offline(work), "trainer=ddp_cpu", f"teacher.ckpt_path={teacher}",
+               f"hydra.run.dir={work / 'reference'}")
     return metrics_of(work / "reference")
 
 
