@@ -51,22 +51,32 @@ def write_json(path: Path, record: dict[str, Any]) -> None:
         atomic_write_text(path, json.dumps(record, indent=2))
 
 
+def earlier_outcome(job_dir: Path, overrides: list[str], settings: dict[str, Any],
+                    metric: str) -> tuple[str, float | None] | None:
+    """What an earlier run of this sweep left in `job_dir`: ("finished", its metric) when the same job finished;
+    ("refused", None) when the dir holds another job (recorded in failed.json); None when the job is to run."""
+    metrics_file, record = job_dir / "metrics.json", job_dir / "job.json"
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        if metrics.get("overrides") == overrides:
+            log.info("Job %s finished in an earlier run of this sweep: skipped", job_dir.name)
+            return "finished", metrics.get(metric)
+    if record.is_file() and (other := json.loads(record.read_text())["overrides"]) != overrides:
+        message = f"{job_dir} holds another job ({other}): use a new sweep dir"
+        write_json(job_dir / "failed.json", {"overrides": overrides, "config": settings, "error": message})
+        log.error(message)
+        return "refused", None
+    return None
+
+
 def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> float | None:
     job_dir = Path(cfg.paths.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
     settings = OmegaConf.to_container(cfg, resolve=True)  # what produced this job's results
     metrics_file, record, failure = job_dir / "metrics.json", job_dir / "job.json", job_dir / "failed.json"
 
-    if metrics_file.is_file():
-        metrics = json.loads(metrics_file.read_text())
-        if metrics.get("overrides") == overrides:
-            log.info("Job %s finished in an earlier run of this sweep: skipped", job_dir.name)
-            return metrics.get(cfg.optimized_metric)
-    if record.is_file() and json.loads(record.read_text())["overrides"] != overrides:
-        message = f"{job_dir} holds another job ({json.loads(record.read_text())['overrides']}): use a new sweep dir"
-        write_json(failure, {"overrides": overrides, "config": settings, "error": message})
-        log.error(message)
-        return None
+    if outcome := earlier_outcome(job_dir, overrides, settings, cfg.optimized_metric):
+        return outcome[1]
     if checkpoint := intact_checkpoint(job_dir / "checkpoints"):
         log.info("Job %s resumes from its last checkpoint (%s)", job_dir.name, checkpoint.name)
         cfg.ckpt_path = str(checkpoint)

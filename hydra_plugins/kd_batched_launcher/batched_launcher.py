@@ -3,7 +3,6 @@ distill.group train together as one stacked model (kd_lightning/batched/); other
 the basic launcher. Hydra finds launchers in the `hydra_plugins` namespace package only, hence this file.
 """
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,19 +117,15 @@ def prepare_job(cfg: DictConfig) -> Finished | PreparedJob | None:
     """The task function of a batched job, run by Hydra inside the job's context: the same skip / refuse rules
     as kd_lightning.sweeps.run_sweep_job, and the job's config with its output dir fixed."""
     from kd_lightning.batched.stacked import Job
-    from kd_lightning.sweeps import write_json
+    from kd_lightning.sweeps import earlier_outcome, write_json
 
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
-    metrics_file, record, failure = job_dir / "metrics.json", job_dir / "job.json", job_dir / "failed.json"
-    if metrics_file.is_file() and json.loads(metrics_file.read_text()).get("overrides") == overrides:
-        log.info("Job %s finished in an earlier run of this sweep: skipped", job_dir.name)
-        return Finished(json.loads(metrics_file.read_text()).get(cfg.optimized_metric))
-    if record.is_file() and json.loads(record.read_text())["overrides"] != overrides:
-        message = f"{job_dir} holds another job ({json.loads(record.read_text())['overrides']}): use a new sweep dir"
-        write_json(failure, {"overrides": overrides, "config": OmegaConf.to_container(cfg, resolve=True), "error": message})
-        log.error(message)
-        return None
+    outcome = earlier_outcome(job_dir, overrides, OmegaConf.to_container(cfg, resolve=True), cfg.optimized_metric)
+    if outcome is not None:
+        kind, metric = outcome
+        return Finished(metric) if kind == "finished" else None
+    record = job_dir / "job.json"
     checkpoints = job_dir / "checkpoints"
     last = checkpoints / "last.ckpt"
     ordinary = (checkpoints / "interrupted.ckpt").is_file() or (last.is_file() and not written_batched(last))
