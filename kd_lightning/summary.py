@@ -29,6 +29,15 @@ def hparams_of(cfg: DictConfig, data_source: str | None) -> dict[str, Any]:
     return params
 
 
+def hp_metrics_of(result: dict[str, Any]) -> dict[str, Any]:
+    """The final metrics shown beside the settings in TensorBoard's HParams tab (`hp/*`)."""
+    return {
+        f"hp/{k.replace('/', '_')}": v
+        for k, v in result.items()
+        if k.startswith(("test/", "val/")) or k in ("best_val_loss", "best_epoch")
+    }
+
+
 def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
     table = Table(title=f"Run summary ({result['output_dir']})")
     table.add_column("")

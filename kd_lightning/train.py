@@ -32,7 +32,7 @@ from kd_lightning.launch import is_first_rank, wait_for_file
 from kd_lightning.methods import check_method, get_method
 from kd_lightning.models.stats import count_params
 from kd_lightning.run_dir import resume_dir_error
-from kd_lightning.summary import hparams_of, print_summary
+from kd_lightning.summary import hp_metrics_of, hparams_of, print_summary
 from kd_lightning.sweeps import run_sweep_job
 from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_teacher_config
 from kd_lightning.validation import check_num_classes, check_splits, validate_config
@@ -157,13 +157,8 @@ def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpts: li
 
 def record(cfg: DictConfig, result: dict[str, Any], trainer: pl.Trainer, data_source: str | None) -> None:
     """metrics.json in the run dir, the HParams of TensorBoard, a distillation run's model card, the console summary."""
-    hp_metrics = {
-        f"hp/{k.replace('/', '_')}": v
-        for k, v in result.items()
-        if k.startswith(("test/", "val/")) or k in ("best_val_loss", "best_epoch")
-    }
     for lg in trainer.loggers:
-        lg.log_hyperparams(hparams_of(cfg, data_source), hp_metrics)
+        lg.log_hyperparams(hparams_of(cfg, data_source), hp_metrics_of(result))
         lg.finalize("success")  # test() already closed the writer; this flushes the new records
     # The results carry the resolved settings that produced them (read by the sweep report), written atomically.
     settings = OmegaConf.to_container(cfg, resolve=True)

@@ -37,7 +37,7 @@ from kd_lightning.card import write_card
 from kd_lightning.checkpoints import atomic_torch_save, load_net
 from kd_lightning.losses import kd_term
 from kd_lightning.models.stats import count_params
-from kd_lightning.summary import hparams_of
+from kd_lightning.summary import hp_metrics_of, hparams_of
 from kd_lightning.sweeps import write_json
 from kd_lightning.teacher import cached_teacher_logits, compose_teacher_config
 from kd_lightning.train import ensure_teacher, fit_facts, prepare_data
@@ -380,10 +380,8 @@ def finish(s: Student, base: torch.nn.Module, buffer_names: set[str], datamodule
         "teacher_ckpts": [str(teacher_ckpt)], "output_dir": str(job.dir),
         "wall_seconds": wall_seconds,
     }
-    hp_metrics = {f"hp/{k.replace('/', '_')}": v for k, v in result.items()
-                  if k.startswith(("test/", "val/")) or k in ("best_val_loss", "best_epoch")}
     for lg in s.logger:
-        lg.log_hyperparams(hparams_of(job.cfg, datamodule.source), hp_metrics)
+        lg.log_hyperparams(hparams_of(job.cfg, datamodule.source), hp_metrics_of(result))
         lg.finalize("success")
     (job.dir / "failed.json").unlink(missing_ok=True)
     write_json(job.dir / "metrics.json", {**result, "overrides": job.overrides, "config": job.settings()})
