@@ -1,11 +1,13 @@
 """Many students trained as one: the jobs of a group (same model, data, optimizer, epochs; their own seed, T,
-alpha and loss group) stacked with torch.func and trained in one loop, each written out as a separate run.
+alpha and loss group) stacked (torch.func.stack_module_state) and trained in one loop, each written out as a
+separate run. The students are MLPs (groups.py admits no other), so the stacked forward is written out with
+batched matrix products (`stacked_mlp`): vmap over functional_call costs ~1.5x more a step on a CPU.
 
 Each student gets what a run of train.py gives it, computed the same way:
 - its initial weights: `seed_everything(seed)` and then the model is built, as `build()` does;
 - its data order: the TensorLoader permutation of its own seed and the epoch;
 - its loss: every group is `lerp(hard, soft, w)` with w = alpha (hard_soft), 1 (soft) or 0 (hard): exactly the
-  group's loss, so one vmapped function serves a mix of groups. The teacher's cached logits are shared;
+  group's loss, so one stacked computation serves a mix of groups. The teacher's cached logits are shared;
 - its optimizer: one optimizer over the stacked parameters. Adam (and every torch optimizer without
   cross-parameter terms) is elementwise, so the stacked step is each student's own step;
 - its callbacks, per student: best/last/every-n-epoch checkpoints (Lightning's layout and callback states),
@@ -31,11 +33,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import stack_module_state
 
 from kd_lightning.card import write_card
 from kd_lightning.checkpoints import atomic_torch_save, load_net
-from kd_lightning.losses import kd_term
+from kd_lightning.losses import stacked_kd_term
 from kd_lightning.models.stats import count_params
 from kd_lightning.summary import hp_metrics_of, hparams_of
 from kd_lightning.sweeps import write_json
@@ -99,6 +101,25 @@ def batches_per_epoch(n_batches: int, limit: Any) -> int:
     return min(n_batches, int(limit))
 
 
+def mlp_layers(params: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """The stacked (weight [S, out, in], bias [S, out]) of each Linear of S MLPs (`layers.<i>.weight`), in order."""
+    names = sorted({k.rsplit(".", 1)[0] for k in params}, key=lambda name: int(name.split(".")[1]))
+    return [(params[f"{name}.weight"], params[f"{name}.bias"]) for name in names]
+
+
+def stacked_mlp(layers: list[tuple[Tensor, Tensor]], x: Tensor) -> Tensor:
+    """[S, B, classes] logits of S MLPs (Linear, ReLU, ..., Linear) on flat inputs: [S, B, in], or [B, in] when
+    every student sees the same batch; then the first layers of all students are one matrix product."""
+    for k, (w, b) in enumerate(layers):
+        if k:
+            x = torch.relu(x)
+        if x.dim() == 2:
+            x = torch.addmm(b.flatten(), x, w.flatten(0, 1).T).unflatten(1, w.shape[:2]).transpose(0, 1)
+        else:
+            x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    return x
+
+
 def make_student(job: Job) -> Student:
     callbacks = {name: instantiate(c) for name, c in (job.cfg.get("callbacks") or {}).items()
                  if c is not None and name in ("model_checkpoint", "last_checkpoint", "periodic_checkpoint", "early_stopping")}
@@ -128,22 +149,21 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
         nets.append(instantiate(job.cfg.model).to(device, dtype))
     net_config = OmegaConf.to_container(cfg.model, resolve=True)
     params, buffers = stack_module_state(nets)
-    base = nets[0].to("meta")
+    layers = mlp_layers(params)
     optimizer = instantiate(cfg.module.optimizer)(params=list(params.values()))
     frozen = {k: v.detach().clone() for k, v in params.items()}  # weights of stopped/failed students
 
     T = torch.tensor([float(j.cfg.distill.T) for j in jobs], dtype=dtype, device=device)
-    T32 = T.float()[:, None, None]
     weight = torch.tensor([float(unit_weight(j.cfg)) for j in jobs], dtype=dtype, device=device)
     students = [make_student(job) for job in jobs]
+    # Each T's soft targets for the whole training split, once, in float32 as a single run computes them.
+    temperatures = sorted(set(T.tolist()))
+    soft_targets = torch.stack([F.log_softmax(train_logits / t, dim=-1) for t in temperatures]).to(dtype)
+    student_T = torch.tensor([temperatures.index(t) for t in T.tolist()], device=device)[:, None]
+    # Students with the same data seed see the same batches: each batch is gathered once per data seed.
+    data_seeds = sorted({int(j.cfg.data.seed) for j in jobs})
+    student_order = torch.tensor([data_seeds.index(int(j.cfg.data.seed)) for j in jobs], device=device)
 
-    def losses(p: dict, b: dict, x: Tensor, y: Tensor, teacher_log_probs: Tensor, t: Tensor, w: Tensor) -> Tensor:
-        student_logits = functional_call(base, (p, b), (x,))
-        hard = F.cross_entropy(student_logits, y)
-        soft = kd_term(student_logits, teacher_log_probs, t)
-        return torch.stack([torch.lerp(hard, soft, w), hard, soft])
-
-    vmapped_losses = vmap(losses)
     images, labels = (t.to(device) for t in datamodule.splits["train"])
     batch_size = datamodule.batch_size
     n_batches = batches_per_epoch(-(-len(images) // batch_size), cfg.trainer.get("limit_train_batches"))
@@ -175,16 +195,21 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
             if s.active and s.job.cfg.callbacks.get("lr_monitor") is not None:
                 for lg in s.logger:
                     lg.log_metrics({f"lr-{type(optimizer).__name__}": optimizer.param_groups[0]["lr"]}, step=s.steps)
-        orders = [torch.randperm(len(images), generator=torch.Generator().manual_seed(int(j.cfg.data.seed) + epoch))
-                  .to(device) for j in jobs]
+        orders = torch.stack([torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + epoch))
+                              for seed in data_seeds]).to(device)  # the TensorLoader's order of each data seed
         sums = torch.zeros(len(jobs), 3, dtype=dtype, device=device)
         count = 0
         for b in range(n_batches):
-            idx = torch.stack([o[b * batch_size:(b + 1) * batch_size] for o in orders])  # [students, batch]
-            x = datamodule.normalize(images[idx.flatten()]).to(dtype).unflatten(0, idx.shape)
-            teacher_log_probs = F.log_softmax(train_logits[idx] / T32, dim=-1).to(dtype)
+            batch = orders[:, b * batch_size:(b + 1) * batch_size]  # [data seeds, batch]
+            x = datamodule.normalize(images[batch.flatten()]).to(dtype).flatten(1).unflatten(0, batch.shape)
+            # one batch for all: [batch, features], the first layers of all students in one matrix product
+            x = x[0] if len(data_seeds) == 1 else x[student_order]
+            idx = batch[student_order]  # [students, batch]
             optimizer.zero_grad()
-            terms = vmapped_losses(params, buffers, x, labels[idx], teacher_log_probs, T, weight)  # [students, 3]
+            student_logits = stacked_mlp(layers, x)
+            hard = F.cross_entropy(student_logits.transpose(1, 2), labels[idx], reduction="none").mean(1)
+            soft = stacked_kd_term(student_logits, soft_targets[student_T, idx], T)
+            terms = torch.stack([torch.lerp(hard, soft, weight), hard, soft], dim=1)  # [students, 3]
             finite = torch.isfinite(terms[:, 0])
             if not bool(finite[active].all()):  # one host sync a step, as a single run's check
                 for i in torch.nonzero(~finite).flatten().tolist():
@@ -208,7 +233,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
         train_seconds += time.perf_counter() - epoch_started
 
         val_started = time.perf_counter()
-        val = evaluate(base, params, buffers, datamodule, "val", logits["val"], T, dtype)
+        val = evaluate(layers, datamodule, "val", logits["val"], T, dtype)
         val_seconds += time.perf_counter() - val_started
         for i, s in enumerate(students):
             if not active[i]:
@@ -235,7 +260,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
                  sum(active), len(students), max((val[i]["val/acc"] for i in range(len(students)) if active[i]), default=float("nan")),
                  time.perf_counter() - epoch_started)
 
-    results = [finish(s, base, set(buffers), datamodule, logits, T[i:i + 1], dtype, teacher, teacher_ckpt,
+    results = [finish(s, datamodule, logits, T[i:i + 1], dtype, teacher, teacher_ckpt,
                       (time.perf_counter() - started) / len(jobs)) for i, s in enumerate(students)]
     state_path.unlink(missing_ok=True)
     return results
@@ -297,20 +322,18 @@ def log_step_terms(s: Student, terms: Tensor, epoch: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(base: torch.nn.Module, params: dict, buffers: dict, datamodule: Any, split: str,
-             teacher_logits: Tensor, T: Tensor, dtype: torch.dtype) -> list[dict[str, float]]:
+def evaluate(layers: list[tuple[Tensor, Tensor]], datamodule: Any, split: str, teacher_logits: Tensor, T: Tensor,
+             dtype: torch.dtype) -> list[dict[str, float]]:
     """Every student's `<split>/` metrics, as DistillModule computes them: batch means weighted by batch size."""
-    forward = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None))
-    kd = vmap(kd_term, in_dims=(0, 0, 0))
     n_students = len(T)
     totals = torch.zeros(n_students, 5, dtype=torch.float64)
     n = 0
     for x, y, idx in datamodule.eval_loader(split):
-        x, y = x.to(T.device, dtype), y.to(T.device)
-        logits = forward(params, buffers, x)  # [students, batch, classes]
+        x, y = x.to(T.device, dtype).flatten(1), y.to(T.device)
+        logits = stacked_mlp(layers, x)  # [students, batch, classes]
         t_logits = teacher_logits[idx.to(T.device)]
-        ce = vmap(F.cross_entropy, in_dims=(0, None))(logits, y)
-        soft = kd(logits, F.log_softmax(t_logits / T[:, None, None], dim=-1).expand(n_students, -1, -1), T)
+        ce = F.cross_entropy(logits.transpose(1, 2), y.expand(n_students, -1), reduction="none").mean(1)
+        soft = stacked_kd_term(logits, F.log_softmax(t_logits / T[:, None, None], dim=-1), T)
         totals += torch.stack([t.double() for t in (
             ce * len(y), (logits.argmax(-1) == y).sum(1), soft * len(y),
             (logits.argmax(-1) == t_logits.argmax(-1)).sum(1), (t_logits.argmax(-1) == y).sum().expand(n_students),
@@ -354,7 +377,7 @@ def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: A
         atomic_torch_save(ckpt, Path(s.periodic.dirpath) / f"{s.periodic.filename.format(epoch=epoch)}.ckpt")
 
 
-def finish(s: Student, base: torch.nn.Module, buffer_names: set[str], datamodule: Any, logits: dict[str, Tensor],
+def finish(s: Student, datamodule: Any, logits: dict[str, Tensor],
            T: Tensor, dtype: torch.dtype, teacher: torch.nn.Module, teacher_ckpt: Path,
            wall_seconds: float) -> dict[str, Any] | None:
     """Test the best checkpoint, write metrics.json's content (or failed.json) and the TensorBoard HParams."""
@@ -367,12 +390,10 @@ def finish(s: Student, base: torch.nn.Module, buffer_names: set[str], datamodule
             lg.finalize("failed")
         return None
     state = {k[len("net."):]: v.to(T.device).unsqueeze(0) for k, v in s.best_state.items()}
-    best_params = {k: v for k, v in state.items() if k not in buffer_names}
-    best_buffers = {k: v for k, v in state.items() if k in buffer_names}
-    test = evaluate(base, best_params, best_buffers, datamodule, "test", logits["test"], T, dtype)[0]
+    test = evaluate(mlp_layers(state), datamodule, "test", logits["test"], T, dtype)[0]
     for lg in s.logger:
         lg.log_metrics({**test, "epoch": s.epochs}, step=s.steps)
-    params = sum(v.numel() for v in best_params.values())
+    params = sum(v.numel() for v in state.values())
     result: dict[str, Any] = {
         **test, **fit_facts(s.best),
         "data_source": datamodule.source, "params": params, "teacher_params": count_params(teacher),
