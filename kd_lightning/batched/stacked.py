@@ -22,6 +22,7 @@ import logging
 import shutil
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
         val_started = time.perf_counter()
         val = evaluate(layers, datamodule, "val", logits["val"], T, dtype)
         val_seconds += time.perf_counter() - val_started
+        writes: list[tuple[dict, Path]] = []
         for i, s in enumerate(students):
             if not active[i]:
                 continue
@@ -246,16 +248,17 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
                 lg.log_metrics({**val[i], "epoch": epoch}, step=s.steps - 1)
                 lg.log_metrics({**means, "epoch": epoch}, step=s.steps - 1)
             state = {f"net.{k}": v[i].detach().clone().cpu() for k, v in {**params, **buffers}.items()}
-            end_of_epoch(s, epoch, state, net_config, (train_seconds, val_seconds))
+            writes += end_of_epoch(s, epoch, state, net_config, (train_seconds, val_seconds))
             if s.early_stopping is not None:  # Lightning's own rule; the fit goes on until min_epochs
                 should_stop, _ = s.early_stopping._evaluate_stopping_criteria(torch.tensor(val[i]["val/loss"]))
                 s.stop_requested |= should_stop
             if s.stop_requested and epoch + 1 >= int(cfg.trainer.get("min_epochs") or 1):
                 stop(s, params, frozen, i)
 
-        atomic_torch_save({"epoch": epoch, "seconds": (train_seconds, val_seconds), "params": params,
-                           "frozen": frozen, "optimizer": optimizer.state_dict(),
-                           "students": [student_state(s) for s in students]}, state_path)
+        writes.append(({"epoch": epoch, "seconds": (train_seconds, val_seconds), "params": params, "frozen": frozen,
+                        "optimizer": optimizer.state_dict(), "students": [student_state(s) for s in students]}, state_path))
+        with ThreadPoolExecutor(max_workers=8) as pool:  # each write waits on its fsync, not on the CPU
+            list(pool.map(lambda write: atomic_torch_save(*write), writes))
         log.info("epoch %d/%d: %d of %d students trained, best val/acc %.4f (%.1f s)", epoch + 1, max_epochs,
                  sum(active), len(students), max((val[i]["val/acc"] for i in range(len(students)) if active[i]), default=float("nan")),
                  time.perf_counter() - epoch_started)
@@ -358,8 +361,9 @@ def checkpoint(s: Student, epoch: int, state: dict[str, Tensor], net_config: Any
 
 
 def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: Any,
-                 seconds: tuple[float, float]) -> None:
-    """ModelCheckpoint's decisions (strictly better val/loss; every epoch; every n epochs), written atomically."""
+                 seconds: tuple[float, float]) -> list[tuple[dict, Path]]:
+    """ModelCheckpoint's decisions (strictly better val/loss; every epoch; every n epochs): the checkpoints to
+    write atomically, and where."""
     score = torch.tensor(s.val_metrics["val/loss"])
     improved = s.best.best_model_score is None or bool(score < s.best.best_model_score)
     dirpath = Path(s.best.dirpath)
@@ -370,11 +374,11 @@ def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: A
     s.best.current_score = score
     s.last.last_model_path = s.last.best_model_path = str(paths["last"])
     ckpt = checkpoint(s, epoch, state, net_config, seconds)
-    if improved:
-        atomic_torch_save(ckpt, paths["best"])
-    atomic_torch_save(ckpt, paths["last"])
+    writes = [(ckpt, paths["best"])] if improved else []
+    writes.append((ckpt, paths["last"]))
     if s.periodic is not None and (epoch + 1) % s.periodic._every_n_epochs == 0:
-        atomic_torch_save(ckpt, Path(s.periodic.dirpath) / f"{s.periodic.filename.format(epoch=epoch)}.ckpt")
+        writes.append((ckpt, Path(s.periodic.dirpath) / f"{s.periodic.filename.format(epoch=epoch)}.ckpt"))
+    return writes
 
 
 def finish(s: Student, datamodule: Any, logits: dict[str, Tensor],
