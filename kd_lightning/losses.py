@@ -46,6 +46,15 @@ def stacked_kd_term(student_logits: Tensor, teacher_log_probs: Tensor, T: Tensor
     return kl * (T * T)
 
 
+def stacked_cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
+    """Each of S students' mean cross-entropy: logits [S, B, C], labels [S, B]; returns [S].
+
+    Over the flattened rows, so that log-softmax runs on the last dim as in a single run (bit-identical
+    gradients; on a transposed [S, C, B] input it rounds differently).
+    """
+    return F.cross_entropy(student_logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(1)
+
+
 LossTerms = dict[str, Tensor]
 LossGroup = Callable[..., LossTerms]
 

@@ -38,7 +38,7 @@ from torch.func import stack_module_state
 
 from kd_lightning.card import write_card
 from kd_lightning.checkpoints import atomic_torch_save, load_net
-from kd_lightning.losses import stacked_kd_term
+from kd_lightning.losses import stacked_cross_entropy, stacked_kd_term
 from kd_lightning.models.stats import count_params
 from kd_lightning.summary import hp_metrics_of, hparams_of
 from kd_lightning.sweeps import write_json
@@ -208,7 +208,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
             idx = batch[student_order]  # [students, batch]
             optimizer.zero_grad()
             student_logits = stacked_mlp(layers, x)
-            hard = F.cross_entropy(student_logits.transpose(1, 2), labels[idx], reduction="none").mean(1)
+            hard = stacked_cross_entropy(student_logits, labels[idx])
             soft = stacked_kd_term(student_logits, soft_targets[student_T, idx], T)
             terms = torch.stack([torch.lerp(hard, soft, weight), hard, soft], dim=1)  # [students, 3]
             finite = torch.isfinite(terms[:, 0])
@@ -335,7 +335,7 @@ def evaluate(layers: list[tuple[Tensor, Tensor]], datamodule: Any, split: str, t
         x, y = x.to(T.device, dtype).flatten(1), y.to(T.device)
         logits = stacked_mlp(layers, x)  # [students, batch, classes]
         t_logits = teacher_logits[idx.to(T.device)]
-        ce = F.cross_entropy(logits.transpose(1, 2), y.expand(n_students, -1), reduction="none").mean(1)
+        ce = stacked_cross_entropy(logits, y.expand(n_students, -1))
         soft = stacked_kd_term(logits, F.log_softmax(t_logits / T[:, None, None], dim=-1), T)
         totals += torch.stack([t.double() for t in (
             ce * len(y), (logits.argmax(-1) == y).sum(1), soft * len(y),
