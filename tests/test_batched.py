@@ -199,3 +199,30 @@ def test_an_interrupted_group_resumes_where_it_stopped(common: list[str], tmp_pa
             a = load_checkpoint(tmp_path / "once" / str(i) / "checkpoints" / name)["state_dict"]
             b = load_checkpoint(tmp_path / "twice" / str(i) / "checkpoints" / name)["state_dict"]
             assert all(torch.equal(a[k], b[k]) for k in a), (i, name)
+
+
+@pytest.mark.slow  # a run alone and a group, in-process
+def test_bf16_mixed_jobs_train_together_under_autocast(common: list[str], tmp_path: Path, monkeypatch) -> None:
+    """trainer=gpu's settings (bf16-mixed, channels_last) are batched: the students' forward runs under bf16
+    autocast as a single run's does, and a job ends near the same job run alone (bf16 rounds differently)."""
+    import kd_lightning.batched.stacked as stacked
+
+    overrides = [*(o for o in common if "precision" not in o), "+trainer.precision=bf16-mixed", "trainer.max_epochs=2",
+                 "+callbacks.channels_last._target_=kd_lightning.callbacks.ChannelsLast"]
+    alone = train(config(overrides, JOBS[0], tmp_path / "alone"))
+    jobs = [Job(config(overrides, o, tmp_path / "batched" / str(i)), o) for i, o in enumerate([JOBS[0], JOBS[2]])]
+    assert not_batchable(jobs[0].cfg) is None
+
+    dtypes = []
+
+    def recording_forward(layers, x):
+        logits = stacked_mlp(layers, x)
+        dtypes.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(stacked, "stacked_mlp", recording_forward)
+    batched = run_group(jobs)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    for key in ("best_val_loss", "test/loss"):
+        assert batched[0][key] == pytest.approx(alone[key], rel=0.05), key
+    assert batched[0]["test/acc"] == pytest.approx(alone["test/acc"], abs=0.05)

@@ -22,7 +22,8 @@ TRAINER_KEYS: dict[str, Any] = {
     "limit_val_batches": (1.0, None), "precision": tuple(DTYPES),
     "plugins": ([{"_target_": "kd_lightning.checkpoints.AtomicCheckpointIO"}],),  # it writes atomically too
 }
-CALLBACKS = {"model_checkpoint", "last_checkpoint", "periodic_checkpoint", "early_stopping", "lr_monitor", "timer",
+CALLBACKS = {"channels_last",  # trainer=gpu's; an MLP has no 4-D weights to convert
+             "model_checkpoint", "last_checkpoint", "periodic_checkpoint", "early_stopping", "lr_monitor", "timer",
              "progress_bar", "interrupt_checkpoint",
              "tensorboard_figures"}  # not drawn for batched jobs (docs/batched.md); their model card is written
 ELEMENTWISE_OPTIMIZERS = {"torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD", "torch.optim.Adadelta",

@@ -16,6 +16,7 @@ Each student gets what a run of train.py gives it, computed the same way:
 - its TensorBoard run (epoch metrics, HParams) and metrics.json with the keys train.py writes.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,7 +52,11 @@ log = logging.getLogger(__name__)
 # distill.group -> weight of the soft term in lerp(hard, soft, weight); hard_soft uses distill.alpha
 SOFT_WEIGHT = {"hard": 0.0, "soft": 1.0}
 LOGGED_TERMS = {"hard": ("loss", "hard_loss"), "soft": ("loss", "soft_loss"), "hard_soft": ("loss", "hard_loss", "soft_loss")}
-DTYPES = {"32": torch.float32, "32-true": torch.float32, "64": torch.float64, "64-true": torch.float64}
+# trainer.precision -> the dtype of the weights, and of the autocast region around forward and loss (as
+# Lightning's MixedPrecision plugin: `trainer=gpu` sets bf16-mixed)
+DTYPES = {"32": torch.float32, "32-true": torch.float32, "64": torch.float64, "64-true": torch.float64,
+          "bf16-mixed": torch.float32}
+AUTOCAST = {"bf16-mixed": torch.bfloat16}
 
 
 @dataclass
@@ -133,8 +138,12 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
     """Train the jobs together; each job's metrics.json result (None for a failed job, with its failed.json)."""
     started = time.perf_counter()
     cfg = jobs[0].cfg
-    dtype = DTYPES[str(cfg.trainer.get("precision", "32-true"))]
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    dtype = DTYPES[precision]
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=AUTOCAST.get(precision), enabled=precision in AUTOCAST)
 
     datamodule = prepare_data(cfg)
     teacher_ckpt = ensure_teacher(cfg, datamodule)  # the same teacher for the group: not a batched key
@@ -207,10 +216,11 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
             x = x[0] if len(data_seeds) == 1 else x[student_order]
             idx = batch[student_order]  # [students, batch]
             optimizer.zero_grad()
-            student_logits = stacked_mlp(layers, x)
-            hard = stacked_cross_entropy(student_logits, labels[idx])
-            soft = stacked_kd_term(student_logits, soft_targets[student_T, idx], T)
-            terms = torch.stack([torch.lerp(hard, soft, weight), hard, soft], dim=1)  # [students, 3]
+            with autocast():
+                student_logits = stacked_mlp(layers, x)
+                hard = stacked_cross_entropy(student_logits, labels[idx])
+                soft = stacked_kd_term(student_logits, soft_targets[student_T, idx], T)
+                terms = torch.stack([torch.lerp(hard, soft, weight), hard, soft], dim=1)  # [students, 3]
             finite = torch.isfinite(terms[:, 0])
             if not bool(finite[active].all()):  # one host sync a step, as a single run's check
                 for i in torch.nonzero(~finite).flatten().tolist():
@@ -234,7 +244,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
         train_seconds += time.perf_counter() - epoch_started
 
         val_started = time.perf_counter()
-        val = evaluate(layers, datamodule, "val", logits["val"], T, dtype)
+        val = evaluate(layers, datamodule, "val", logits["val"], T, dtype, autocast)
         val_seconds += time.perf_counter() - val_started
         writes: list[tuple[dict, Path]] = []
         for i, s in enumerate(students):
@@ -263,7 +273,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
                  sum(active), len(students), max((val[i]["val/acc"] for i in range(len(students)) if active[i]), default=float("nan")),
                  time.perf_counter() - epoch_started)
 
-    results = [finish(s, datamodule, logits, T[i:i + 1], dtype, teacher, teacher_ckpt,
+    results = [finish(s, datamodule, logits, T[i:i + 1], dtype, autocast, teacher, teacher_ckpt,
                       (time.perf_counter() - started) / len(jobs)) for i, s in enumerate(students)]
     state_path.unlink(missing_ok=True)
     return results
@@ -326,17 +336,18 @@ def log_step_terms(s: Student, terms: Tensor, epoch: int) -> None:
 
 @torch.no_grad()
 def evaluate(layers: list[tuple[Tensor, Tensor]], datamodule: Any, split: str, teacher_logits: Tensor, T: Tensor,
-             dtype: torch.dtype) -> list[dict[str, float]]:
+             dtype: torch.dtype, autocast: Any = contextlib.nullcontext) -> list[dict[str, float]]:
     """Every student's `<split>/` metrics, as DistillModule computes them: batch means weighted by batch size."""
     n_students = len(T)
     totals = torch.zeros(n_students, 5, dtype=torch.float64)
     n = 0
     for x, y, idx in datamodule.eval_loader(split):
         x, y = x.to(T.device, dtype).flatten(1), y.to(T.device)
-        logits = stacked_mlp(layers, x)  # [students, batch, classes]
         t_logits = teacher_logits[idx.to(T.device)]
-        ce = stacked_cross_entropy(logits, y.expand(n_students, -1))
-        soft = stacked_kd_term(logits, F.log_softmax(t_logits / T[:, None, None], dim=-1), T)
+        with autocast():
+            logits = stacked_mlp(layers, x)  # [students, batch, classes]
+            ce = stacked_cross_entropy(logits, y.expand(n_students, -1))
+            soft = stacked_kd_term(logits, F.log_softmax(t_logits / T[:, None, None], dim=-1), T)
         totals += torch.stack([t.double() for t in (
             ce * len(y), (logits.argmax(-1) == y).sum(1), soft * len(y),
             (logits.argmax(-1) == t_logits.argmax(-1)).sum(1), (t_logits.argmax(-1) == y).sum().expand(n_students),
@@ -382,7 +393,7 @@ def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: A
 
 
 def finish(s: Student, datamodule: Any, logits: dict[str, Tensor],
-           T: Tensor, dtype: torch.dtype, teacher: torch.nn.Module, teacher_ckpt: Path,
+           T: Tensor, dtype: torch.dtype, autocast: Any, teacher: torch.nn.Module, teacher_ckpt: Path,
            wall_seconds: float) -> dict[str, Any] | None:
     """Test the best checkpoint, write metrics.json's content (or failed.json) and the TensorBoard HParams."""
     job = s.job
@@ -394,7 +405,7 @@ def finish(s: Student, datamodule: Any, logits: dict[str, Tensor],
             lg.finalize("failed")
         return None
     state = {k[len("net."):]: v.to(T.device).unsqueeze(0) for k, v in s.best_state.items()}
-    test = evaluate(mlp_layers(state), datamodule, "test", logits["test"], T, dtype)[0]
+    test = evaluate(mlp_layers(state), datamodule, "test", logits["test"], T, dtype, autocast)[0]
     for lg in s.logger:
         lg.log_metrics({**test, "epoch": s.epochs}, step=s.steps)
     params = sum(v.numel() for v in state.values())
