@@ -196,6 +196,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
             shutil.rmtree(job.dir / "checkpoints", ignore_errors=True)
             shutil.rmtree(job.dir / "tensorboard", ignore_errors=True)
 
+    set_up = time.perf_counter()
     for epoch in range(first_epoch, max_epochs):
         active = [s.active for s in students]
         if not any(active):
@@ -273,9 +274,12 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
                  sum(active), len(students), max((val[i]["val/acc"] for i in range(len(students)) if active[i]), default=float("nan")),
                  time.perf_counter() - epoch_started)
 
+    trained = time.perf_counter()
     results = [finish(s, datamodule, logits, T[i:i + 1], dtype, autocast, teacher, teacher_ckpt,
                       (time.perf_counter() - started) / len(jobs)) for i, s in enumerate(students)]
     state_path.unlink(missing_ok=True)
+    log.info("Group of %d jobs: %.1f s set-up (data, teacher logits, students), %.1f s training, %.1f s tests and "
+             "outputs", len(jobs), set_up - started, trained - set_up, time.perf_counter() - trained)
     return results
 
 
