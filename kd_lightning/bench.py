@@ -130,6 +130,8 @@ def sweep_seconds(launcher: str, overrides: list[str], sweep_dir: Path) -> float
     failed = list(sweep_dir.glob("*/failed.json"))
     if failed or len(list(sweep_dir.glob("*/metrics.json"))) != 25:
         raise SystemExit(f"the {launcher} sweep did not finish its 25 jobs (failed: {failed})")
+    where = [line.split("] ", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines() if "Group of" in line]
+    print(f"  {launcher} launcher: {seconds:.1f} s wall" + (f" ({'; '.join(where)})" if where else ""), flush=True)
     return seconds
 
 
@@ -292,7 +294,9 @@ def main() -> None:
         results = {key: max(values) for key, values in runs.items()}
 
     if "sweep_basic" in results and "sweep_batched" in results:
-        print("\npython train.py sweep=t_alpha (25 jobs, teacher logits cached), jobs per hour, best of "
+        data = "full-size fake MNIST" if args.full_size else (f"MNIST from {args.data_dir}" if args.data_dir else
+                                                               "MNIST in data/, else the 5k sample")
+        print(f"\npython train.py sweep=t_alpha (25 jobs, teacher logits cached, {data}), jobs per hour, best of "
               f"{args.repeats}: basic launcher {results['sweep_basic']:,.0f} ({', '.join(f'{v:,.0f}' for v in runs['sweep_basic'])}), "
               f"batched launcher {results['sweep_batched']:,.0f} ({', '.join(f'{v:,.0f}' for v in runs['sweep_batched'])})")
         print(f"speed-up batched / basic launcher (target >= 10x on a 2-core CPU): "
