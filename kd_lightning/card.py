@@ -9,9 +9,14 @@ per-class accuracy, the data source and the command that produced each model. ca
 confusion matrices, accuracy against latency.
 
 Every distillation run writes the cheap part of the card (`write_card(run_dir, ..., timing=False)`: no latency, no
-ONNX export) when it ends, so each job dir of a sweep holds one.
+ONNX export) when it ends, so each job dir of a sweep holds one. It is cheap: a caller that holds the run's test-split
+DataModule or the nets' test logits passes them (`run_outputs(trainer)` gathers a training run's), and the teacher's
+test logits otherwise come from the verified teacher-logit cache (kd_lightning/teacher.py) when it has this teacher
+and data; only what is missing is computed.
 """
 
+import hashlib
+import io
 import json
 import logging
 import platform
@@ -22,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from matplotlib.figure import Figure  # figures without pyplot, as report.py
+from matplotlib.ticker import NullLocator
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils import benchmark
@@ -35,6 +42,7 @@ from kd_lightning import config
 from kd_lightning.checkpoints import atomic_write, load_net
 from kd_lightning.errors import InputError, exit_on_error
 from kd_lightning.models.stats import mult_adds
+from kd_lightning.teacher import _logit_cache_problem, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,31 @@ def test_logits(net: nn.Module, datamodule: Any, device: torch.device | str = "c
         outs.append(net(x.to(device)).float().cpu())
     net.cpu()
     return torch.cat(outs), torch.cat(ys), torch.cat(xs)
+
+
+def cached_test_logits(teacher_ckpt: Path, teacher: nn.Module, datamodule: Any, cache_dir: Path,
+                       device: torch.device | str = "cpu") -> Tensor | None:
+    """The teacher's test logits from the teacher-logit cache (teacher.py `cached_teacher_logits`) when it holds an
+    entry for this checkpoint and data that passes every check that function makes (checkpoint sha256, data
+    identity, shapes, dtypes, checksums, the teacher reproducing the first validation batch); else None. Nothing is
+    computed into the cache or written here. The entry's path is the one `cached_teacher_logits` names it by."""
+    data_identity = json.loads(json.dumps(datamodule.cache_identity()))  # as stored: lists, not tuples
+    data_key = hashlib.sha256(json.dumps(data_identity, sort_keys=True).encode()).hexdigest()
+    teacher_sha = file_sha256(teacher_ckpt)
+    path = Path(cache_dir) / "logits" / f"{teacher_sha[:16]}-{data_key[:16]}.pt"
+    if not path.is_file():
+        return None
+    splits = ["val", "test"] if datamodule.random_augmentation else ["train", "val", "test"]  # as it stores them
+    try:  # written atomically (renamed into place): readable without its lock
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        problem = _logit_cache_problem(cached, teacher_sha, data_identity, splits, teacher, datamodule, str(device))
+    except Exception as err:  # noqa: BLE001 - truncated or not a torch file: computed instead
+        problem = f"is unreadable ({type(err).__name__})"
+    if problem is not None:
+        log.warning("Teacher-logit cache %s %s: the card runs the teacher on the test split", path, problem)
+        return None
+    log.info("Card: the teacher's test logits from the verified cache %s", path)
+    return cached["logits"]["test"]
 
 
 def calibration_error(probs: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> float:
@@ -184,12 +217,23 @@ class Side:
 
 
 def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bool = False,
-               threads: int | None = None, min_run_time: float = 1.0, device: torch.device | str = "cpu") -> dict[str, Any]:
+               threads: int | None = None, min_run_time: float = 1.0, device: torch.device | str = "cpu",
+               datamodule: Any = None, teacher_logits: Tensor | None = None, student_logits: Tensor | None = None,
+               labels: Tensor | None = None) -> dict[str, Any]:
     """Write MODEL_CARD.md and card.png into the distillation run `run_dir`; return the card's numbers.
 
-    `cfg` defaults to the run's saved config; its data is instantiated afresh (a training run's datamodule may be
-    sharded over DDP ranks). The test split runs on `device` (a training run's: a CIFAR teacher is slow on a CPU).
-    `timing` adds the ONNX sizes and the CPU latencies (`threads`: default torch's).
+    `cfg` defaults to the run's saved config. The test split runs on `device` (a training run's: a CIFAR teacher
+    is slow on a CPU). `timing` adds the ONNX sizes and the CPU latencies (`threads`: default torch's).
+
+    What the caller already holds, so that nothing is loaded or run twice (each optional; what is missing is
+    computed as `python -m kd_lightning.card` does):
+    - `datamodule`: the run's data, set up, whose `eval_loader("test")` yields the whole test split (not one DDP
+      rank's shard); default: `cfg.data` instantiated afresh;
+    - `teacher_logits`, `student_logits`: float32 logits [n_test, classes] of the whole test split in dataset order,
+      of the teacher checkpoint named by metrics.json and the student's best.ckpt, in eval mode. Without
+      `teacher_logits` they come from the verified teacher-logit cache when it holds them (`cached_test_logits`),
+      else the teacher runs; without `student_logits` the student runs (it is small);
+    - `labels`: the test split's labels [n_test] in dataset order (default: read with the logits, or from the data).
     """
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else run_config(run_dir)
@@ -199,18 +243,38 @@ def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bo
     metrics = json.loads(metrics_path.read_text())
     teacher_ckpt, teacher_run = find_teacher(run_dir, metrics)
     student_ckpt = Path(metrics["best_ckpt"])
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("test")
+    if datamodule is None:
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup("test")
     threads = threads or torch.get_num_threads()
+    ckpts = {"teacher": teacher_ckpt, "student": student_ckpt}
+    nets = {role: load_net(ckpt).eval() for role, ckpt in ckpts.items()}
+    logits: dict[str, Tensor | None] = {"teacher": teacher_logits, "student": student_logits}
+    if logits["teacher"] is None and cfg.get("paths", {}).get("cache_dir"):
+        logits["teacher"] = cached_test_logits(teacher_ckpt, nets["teacher"], datamodule, Path(cfg.paths.cache_dir),
+                                               device)
+    inputs = None
+    for role in ("teacher", "student"):
+        if logits[role] is None:
+            logits[role], labels, inputs = test_logits(nets[role], datamodule, device)
+    n_test = datamodule.split_size("test")
+    if labels is None:
+        labels = datamodule.raw_images("test", range(n_test))[1]
+    labels = labels.cpu()
+    for role, values in logits.items():
+        if values.ndim != 2 or len(values) != n_test or len(labels) != n_test:
+            raise ValueError(f"write_card: {role} logits {tuple(values.shape)} and labels {tuple(labels.shape)} "
+                             f"are not the whole test split ({n_test} examples)")
+        logits[role] = values.detach().float().cpu()
+    if timing and inputs is None:
+        inputs = torch.cat([x.cpu() for x, _, _ in datamodule.eval_loader("test")])
 
     sides: dict[str, Side] = {}
-    logits: dict[str, Tensor] = {}
-    for role, ckpt in (("teacher", teacher_ckpt), ("student", student_ckpt)):
-        net = load_net(ckpt).eval()
-        logits[role], labels, inputs = test_logits(net, datamodule, device)
+    for role, net in nets.items():
+        ckpt = ckpts[role]
         side = Side(type(net).__name__, ckpt, sum(p.numel() for p in net.parameters()),
-                    mult_adds(net, tuple(inputs.shape[1:])), ckpt.stat().st_size, quality(logits[role], labels))
+                    mult_adds(net, tuple(datamodule.input_shape)), ckpt.stat().st_size, quality(logits[role], labels))
         if timing:
             side.onnx_bytes = onnx_size(net, inputs)
             side.latency = {b: latency(net, inputs, b, threads, min_run_time) for b in LATENCY_BATCHES}
@@ -224,8 +288,23 @@ def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bo
         **{role: {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()} for role, s in sides.items()},
     }
     atomic_write(run_dir / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(markdown(card)))
-    atomic_write(run_dir / "card.png", lambda tmp: plot(card).savefig(tmp, dpi=110, format="png"))
+    atomic_write(run_dir / "card.png", lambda tmp: Path(tmp).write_bytes(plot_png(card)))
     return card
+
+
+def run_outputs(trainer: Any) -> dict[str, Any]:
+    """What a finished training run holds for `write_card`, as its keyword arguments: the DataModule and, when
+    the module looked the teacher's test logits up in the verified cache (`distill.cache_teacher_logits`), those.
+    Nothing when the run was split over processes (the DataModule then yields one rank's shard)."""
+    if trainer.world_size != 1 or trainer.datamodule is None:
+        return {}
+    found: dict[str, Any] = {"datamodule": trainer.datamodule}
+    module = trainer.lightning_module
+    cached = getattr(module, "cached_teacher_logits_test", None) if "test" in getattr(module, "cached_splits", ()) \
+        else None
+    if isinstance(cached, Tensor) and cached.dtype == torch.float32:  # not cast by a bf16-true/16-true precision
+        found["teacher_logits"] = cached
+    return found
 
 
 def _size(n: int | None) -> str:
@@ -311,9 +390,18 @@ def markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+CARD_DPI = 100
+CARD_SIZE = (14.0, 9.0)  # inches: 1400 x 900 pixels at CARD_DPI
+
+
 def plot(card: dict[str, Any]) -> Figure:
-    fig = Figure(figsize=(15, 9.5))
+    """card.png's figure: reliability diagrams and confusion matrices of both nets, accuracy against cost (or
+    latency), per-class accuracy. A fixed layout with set ticks, no tight_layout: drawing it is most of the cost of
+    the cheap card, written by every distillation run."""
+    fig = Figure(figsize=CARD_SIZE)
+    fig.subplots_adjust(left=0.045, right=0.985, bottom=0.06, top=0.915, wspace=0.25, hspace=0.3)
     axes = fig.subplots(2, 3)
+    unit = [0, 0.25, 0.5, 0.75, 1]
     for col, role in enumerate(("teacher", "student")):
         side = card[role]
         q = side["quality"]
@@ -328,18 +416,17 @@ def plot(card: dict[str, Any]) -> Figure:
         for center, n in zip(centers, bins["count"]):
             if n:
                 ax.text(center, 0.01, f"{n:.0f}", ha="center", fontsize=6, rotation=90)  # examples in the bin
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max softmax)", ylabel="accuracy",
-               title=f"{role} ({side['net_name']}): ECE {q['ece']:.4f}")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xticks=unit, yticks=unit, xlabel="confidence (max softmax)",
+               ylabel="accuracy", title=f"{role} ({side['net_name']}): ECE {q['ece']:.4f}")
         ax.legend(loc="upper left", fontsize=8)
         ax = axes[1, col]
         confusion = torch.tensor(q["confusion"], dtype=torch.float)
         rates = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
         image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
         ax.set(xlabel="predicted class", ylabel="true class", title=f"{role} confusion (row-normalized)")
-        if len(rates) <= 20:
-            ax.set_xticks(range(len(rates)))
-            ax.set_yticks(range(len(rates)))
-        fig.colorbar(image, ax=ax, fraction=0.046)
+        ticks = class_ticks(len(rates))
+        ax.set(xticks=ticks, yticks=ticks)
+        fig.colorbar(image, ax=ax, fraction=0.046, ticks=[0, 0.5, 1])
     ax = axes[0, 2]
     timed = bool(card["threads"])
     for role, marker in (("teacher", "s"), ("student", "o")):
@@ -347,20 +434,34 @@ def plot(card: dict[str, Any]) -> Figure:
         x = side["latency"][LATENCY_BATCHES[0]]["median_ms"] if timed else side["mult_adds"]
         ax.plot([x], [side["quality"]["acc"]], marker, markersize=10, label=f"{role} ({side['net_name']})")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())  # the decades only: a log axis's minor ticks cost the most here
     ax.margins(0.3)  # the two points stay clear of the frame
     ax.set(xlabel=f"CPU latency at batch 1, ms ({_threads(card['threads'])})" if timed
            else "mult-adds per example (latency not measured)", ylabel="test accuracy",
            title="accuracy vs " + ("latency" if timed else "cost"))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8)  # "best": the points may lie anywhere
     ax = axes[1, 2]
     n = len(card["teacher"]["quality"]["per_class_acc"])
     for offset, role in ((-0.2, "teacher"), (0.2, "student")):
         ax.bar([c + offset for c in range(n)], card[role]["quality"]["per_class_acc"], width=0.4, label=role)
-    ax.set(xlabel="class", ylabel="test accuracy", title="per-class accuracy", ylim=(0, 1.05))
+    ax.set(xlabel="class", ylabel="test accuracy", title="per-class accuracy", ylim=(0, 1.05), xticks=class_ticks(n),
+           yticks=unit)
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{card['student']['net_name']} distilled from {card['teacher']['net_name']} · {card['data_source']}")
-    fig.tight_layout()
     return fig
+
+
+def class_ticks(n: int) -> list[int]:
+    """Every class up to 20 classes, else about ten evenly spaced ones."""
+    step = 1 if n <= 20 else int(np.ceil(n / 10))
+    return list(range(0, n, step))
+
+
+def plot_png(card: dict[str, Any]) -> bytes:
+    """card.png's bytes (zlib level 1: a third of level 6's time for a slightly larger file)."""
+    buffer = io.BytesIO()
+    plot(card).savefig(buffer, dpi=CARD_DPI, format="png", pil_kwargs={"compress_level": 1})
+    return buffer.getvalue()
 
 
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="card")

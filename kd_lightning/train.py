@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from kd_lightning import config  # also registers the ${kd_root:} and ${kd_if_null:} resolvers
-from kd_lightning.card import write_card
+from kd_lightning.card import run_outputs, write_card
 from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint, load_checkpoint, load_net
 from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError, Interrupted, exit_on_error
@@ -164,7 +164,7 @@ def record(cfg: DictConfig, result: dict[str, Any], trainer: pl.Trainer, data_so
     settings = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_text(Path(result["output_dir"]) / "metrics.json", json.dumps({**result, "config": settings}, indent=2))
     if result["teacher_ckpt"]:  # the cheap model card, teacher vs student (docs/export.md): one teacher
-        write_card(Path(result["output_dir"]), cfg, device=trainer.strategy.root_device)
+        write_card(Path(result["output_dir"]), cfg, device=trainer.strategy.root_device, **run_outputs(trainer))
     print_summary(cfg, result)
 
 

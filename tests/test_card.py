@@ -1,16 +1,23 @@
 """The model card (teacher vs student) and the TensorBoard pictures of a run."""
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
-from kd_lightning.card import calibration_error, reliability_bins, write_card
+from kd_lightning.card import calibration_error, reliability_bins, run_config, write_card
+from kd_lightning.card import test_logits as split_logits  # not collected as a test
+from kd_lightning.checkpoints import load_net
 from kd_lightning.config import compose_train_config
 from kd_lightning.errors import InputError
+from kd_lightning.tensorboard_figures import log_test_figures
 from kd_lightning.train import train
 
 TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
@@ -35,7 +42,9 @@ def soft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_card_numbers_equal_the_runs_metrics(soft_run: Path) -> None:
     metrics = json.loads((soft_run / "metrics.json").read_text())
     assert (soft_run / "MODEL_CARD.md").is_file() and (soft_run / "card.png").read_bytes()[:4] == b"\x89PNG"
+    written = (soft_run / "MODEL_CARD.md").read_text()  # from the run's own datamodule and cached teacher logits
     card = write_card(soft_run)  # what the run wrote, recomputed here: the same numbers
+    assert (soft_run / "MODEL_CARD.md").read_text() == written
     student, teacher = card["student"], card["teacher"]
     assert card["data_source"] == metrics["data_source"] == "mnist-sample-5k"
     assert (student["params"], teacher["params"]) == (metrics["params"], metrics["teacher_params"])
@@ -64,6 +73,73 @@ def test_tensorboard_holds_the_confusion_matrix_config_and_dark_knowledge(soft_r
     teacher_events = EventAccumulator(str(teacher_runs[0] / "tensorboard"), size_guidance={"images": 0})
     teacher_events.Reload()
     assert teacher_events.Tags()["images"] == ["test/confusion_matrix"]  # no teacher of its own: no dark knowledge
+
+
+def test_card_from_given_logits_equals_the_card_computed_from_the_checkpoints(
+        soft_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    metrics = json.loads((soft_run / "metrics.json").read_text())
+    cfg = run_config(soft_run)
+    cfg.paths.cache_dir = str(tmp_path / "no-cache")  # no teacher-logit cache: both nets run on the test split
+    computed = write_card(soft_run, cfg)
+    computed_markdown = (soft_run / "MODEL_CARD.md").read_text()
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    teacher, _, _ = split_logits(load_net(metrics["teacher_ckpt"]), datamodule)
+    student, labels, _ = split_logits(load_net(metrics["best_ckpt"]), datamodule)
+    given = write_card(soft_run, cfg, datamodule=datamodule, teacher_logits=teacher, student_logits=student,
+                       labels=labels)
+    assert (soft_run / "MODEL_CARD.md").read_text() == computed_markdown
+    assert given == computed
+    with caplog.at_level(logging.INFO, logger="kd_lightning.card"):
+        from_cache = write_card(soft_run)  # the run's config: its teacher-logit cache holds this teacher's logits
+    assert "the teacher's test logits from the verified cache" in caplog.text
+    assert from_cache == given and (soft_run / "MODEL_CARD.md").read_text() == computed_markdown
+    with pytest.raises(ValueError, match="not the whole test split"):
+        write_card(soft_run, cfg, datamodule=datamodule, teacher_logits=teacher[:10])
+
+
+def test_card_never_trusts_a_damaged_teacher_logit_cache(
+        soft_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = run_config(soft_run)
+    expected = write_card(soft_run, cfg)
+    cache = tmp_path / "cache"
+    shutil.copytree(Path(cfg.paths.cache_dir) / "logits", cache / "logits")
+    (entry,) = (cache / "logits").glob("*.pt")
+    cached = torch.load(entry, weights_only=True)
+    cached["logits"]["test"][:, 0] += 5.0  # other values under the stored checksum
+    torch.save(cached, entry)
+    cfg.paths.cache_dir = str(cache)
+    with caplog.at_level(logging.INFO, logger="kd_lightning.card"):
+        card = write_card(soft_run, cfg)
+    assert "has damaged test logits (checksum mismatch): the card runs the teacher" in caplog.text
+    assert card["teacher"]["quality"] == expected["teacher"]["quality"]
+
+
+def test_log_test_figures_logs_what_the_callback_logs(soft_run: Path, tmp_path: Path) -> None:
+    """The functions a loop without a Lightning Trainer calls (kd_lightning/batched) draw the callback's images."""
+    metrics = json.loads((soft_run / "metrics.json").read_text())
+    cfg = run_config(soft_run)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    teacher, _, _ = split_logits(load_net(metrics["teacher_ckpt"]), datamodule)
+    student, labels, _ = split_logits(load_net(metrics["best_ckpt"]), datamodule)
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    log_test_figures(writer, student, labels, 7, teacher_logits=teacher, T=cfg.distill.T, run_dir=soft_run)
+    writer.close()
+    ours = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
+    ours.Reload()
+    callbacks = EventAccumulator(str(soft_run / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    callbacks.Reload()
+    assert set(ours.Tags()["images"]) == {"test/confusion_matrix", "distill/dark_knowledge"}
+    assert ours.Images("test/confusion_matrix")[0].step == 7
+    assert (ours.Images("test/confusion_matrix")[0].encoded_image_string
+            == callbacks.Images("test/confusion_matrix")[0].encoded_image_string)  # the same counts, the same pixels
+    dark, theirs = ours.Images("distill/dark_knowledge")[0], callbacks.Images("distill/dark_knowledge")[0]
+    assert (dark.width, dark.height) == (theirs.width, theirs.height)
+    assert (ours.Tensors("config/text_summary")[0].tensor_proto.string_val
+            == callbacks.Tensors("config/text_summary")[0].tensor_proto.string_val)
 
 
 def test_ece_equals_the_hand_computed_value() -> None:
