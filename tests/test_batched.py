@@ -42,12 +42,21 @@ def common(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         f"trainer.max_epochs={EPOCHS}", "+trainer.limit_train_batches=5", "+trainer.precision=64-true",
         "trainer.log_every_n_steps=3", "callbacks.early_stopping.min_delta=0.03", "callbacks.early_stopping.patience=1",
         "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
-        "callbacks.tensorboard_figures=null",  # the stacked loop draws no test-time figures (docs/batched.md)
     ]
 
 
 def config(common: list[str], overrides: list[str], out: Path):
     return compose_train_config([*common, *overrides, f"paths.output_dir={out}"])
+
+
+def images(run_dir: Path) -> dict[str, list[tuple[int, bytes]]]:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
+    return {tag: [(e.step, e.encoded_image_string) for e in events.Images(tag)] for tag in events.Tags()["images"]}
+
+
+def quality_rows(card: str) -> list[str]:
+    """The model card's table rows but the checkpoint's file size (a batched checkpoint holds no optimizer state)."""
+    return [row for row in card.splitlines() if row.startswith("|") and not row.startswith("| checkpoint file")]
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -95,6 +104,11 @@ def test_batched_jobs_equal_separate_runs(common: list[str], tmp_path: Path) -> 
         for tag, points in curves_alone.items():  # per-epoch val and train metrics, step losses, lr, test
             assert [s for s, _ in curves_batched[tag]] == [s for s, _ in points], (i, tag)
             assert [v for _, v in curves_batched[tag]] == pytest.approx([v for _, v in points], rel=1e-6), (i, tag)
+        pictures_alone, pictures_batched = images(run_alone), images(run_batched)  # confusion matrix, dark knowledge
+        assert set(pictures_alone) == set(pictures_batched) == {"test/confusion_matrix", "distill/dark_knowledge"}
+        assert pictures_batched == pictures_alone, i  # the same steps and the same pixels
+        cards = [(run / "MODEL_CARD.md").read_text().replace(str(run), "<run>") for run in (run_alone, run_batched)]
+        assert quality_rows(cards[1]) == quality_rows(cards[0]), i
         names = sorted(p.name for p in (run_alone / "checkpoints").glob("*.ckpt"))
         assert sorted(p.name for p in (run_batched / "checkpoints").glob("*.ckpt")) == names
         for name in names:  # final (last), best and periodic weights

@@ -24,8 +24,7 @@ TRAINER_KEYS: dict[str, Any] = {
 }
 CALLBACKS = {"channels_last",  # trainer=gpu's; an MLP has no 4-D weights to convert
              "model_checkpoint", "last_checkpoint", "periodic_checkpoint", "early_stopping", "lr_monitor", "timer",
-             "progress_bar", "interrupt_checkpoint",
-             "tensorboard_figures"}  # not drawn for batched jobs (docs/batched.md); their model card is written
+             "progress_bar", "interrupt_checkpoint", "tensorboard_figures"}
 ELEMENTWISE_OPTIMIZERS = {"torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD", "torch.optim.Adadelta",
                           "torch.optim.RMSprop", "torch.optim.Adagrad"}
 

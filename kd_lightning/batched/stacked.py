@@ -13,7 +13,8 @@ Each student gets what a run of train.py gives it, computed the same way:
 - its callbacks, per student: best/last/every-n-epoch checkpoints (Lightning's layout and callback states),
   early stopping (Lightning's own EarlyStopping decides), a non-finite loss fails that student alone. A stopped
   or failed student takes no more steps: after each optimizer step its weights are put back;
-- its TensorBoard run (epoch metrics, HParams) and metrics.json with the keys train.py writes.
+- its TensorBoard run (epoch metrics, test-time figures, HParams), metrics.json with the keys train.py writes,
+  and its model card.
 """
 
 import contextlib
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.func import stack_module_state
 
@@ -44,6 +46,7 @@ from kd_lightning.models.stats import count_params
 from kd_lightning.summary import hp_metrics_of, hparams_of
 from kd_lightning.sweeps import write_json
 from kd_lightning.teacher import cached_teacher_logits, compose_teacher_config
+from kd_lightning.tensorboard_figures import N_EXAMPLES, log_test_figures
 from kd_lightning.train import ensure_teacher, fit_facts, prepare_data
 from kd_lightning.validation import validate_config
 
@@ -151,6 +154,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
     logits = {split: t.to(device) for split, t in
               cached_teacher_logits(teacher_ckpt, teacher, datamodule, Path(cfg.paths.cache_dir)).items()}
     train_logits = logits.pop("train")  # float32: a single run computes its soft targets from it in float32
+    card_teacher_logits = logits["test"].cpu()  # float32, as the model card reads them
     logits = {split: t.to(dtype) for split, t in logits.items()}
 
     nets = []
@@ -275,7 +279,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
                  time.perf_counter() - epoch_started)
 
     trained = time.perf_counter()
-    results = [finish(s, datamodule, logits, T[i:i + 1], dtype, autocast, teacher, teacher_ckpt,
+    results = [finish(s, datamodule, logits, card_teacher_logits, T[i:i + 1], dtype, autocast, teacher, teacher_ckpt,
                       (time.perf_counter() - started) / len(jobs)) for i, s in enumerate(students)]
     state_path.unlink(missing_ok=True)
     log.info("Group of %d jobs: %.1f s set-up (data, teacher logits, students), %.1f s training, %.1f s tests and "
@@ -340,8 +344,10 @@ def log_step_terms(s: Student, terms: Tensor, epoch: int) -> None:
 
 @torch.no_grad()
 def evaluate(layers: list[tuple[Tensor, Tensor]], datamodule: Any, split: str, teacher_logits: Tensor, T: Tensor,
-             dtype: torch.dtype, autocast: Any = contextlib.nullcontext) -> list[dict[str, float]]:
-    """Every student's `<split>/` metrics, as DistillModule computes them: batch means weighted by batch size."""
+             dtype: torch.dtype, autocast: Any = contextlib.nullcontext,
+             outputs: list[tuple[Tensor, Tensor]] | None = None) -> list[dict[str, float]]:
+    """Every student's `<split>/` metrics, as DistillModule computes them: batch means weighted by batch size.
+    `outputs` (when given) receives each batch's logits [students, batch, classes] and labels, on the CPU."""
     n_students = len(T)
     totals = torch.zeros(n_students, 5, dtype=torch.float64)
     n = 0
@@ -352,6 +358,8 @@ def evaluate(layers: list[tuple[Tensor, Tensor]], datamodule: Any, split: str, t
             logits = stacked_mlp(layers, x)  # [students, batch, classes]
             ce = stacked_cross_entropy(logits, y.expand(n_students, -1))
             soft = stacked_kd_term(logits, F.log_softmax(t_logits / T[:, None, None], dim=-1), T)
+        if outputs is not None:
+            outputs.append((logits.float().cpu(), y.cpu()))
         totals += torch.stack([t.double() for t in (
             ce * len(y), (logits.argmax(-1) == y).sum(1), soft * len(y),
             (logits.argmax(-1) == t_logits.argmax(-1)).sum(1), (t_logits.argmax(-1) == y).sum().expand(n_students),
@@ -396,7 +404,7 @@ def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: A
     return writes
 
 
-def finish(s: Student, datamodule: Any, logits: dict[str, Tensor],
+def finish(s: Student, datamodule: Any, logits: dict[str, Tensor], card_teacher_logits: Tensor,
            T: Tensor, dtype: torch.dtype, autocast: Any, teacher: torch.nn.Module, teacher_ckpt: Path,
            wall_seconds: float) -> dict[str, Any] | None:
     """Test the best checkpoint, write metrics.json's content (or failed.json) and the TensorBoard HParams."""
@@ -409,9 +417,18 @@ def finish(s: Student, datamodule: Any, logits: dict[str, Tensor],
             lg.finalize("failed")
         return None
     state = {k[len("net."):]: v.to(T.device).unsqueeze(0) for k, v in s.best_state.items()}
-    test = evaluate(mlp_layers(state), datamodule, "test", logits["test"], T, dtype, autocast)[0]
+    outputs: list[tuple[Tensor, Tensor]] = []
+    test = evaluate(mlp_layers(state), datamodule, "test", logits["test"], T, dtype, autocast, outputs)[0]
     for lg in s.logger:
         lg.log_metrics({**test, "epoch": s.epochs}, step=s.steps)
+    figures = job.cfg.callbacks.get("tensorboard_figures")
+    if figures is not None:  # what the TensorBoardFigures callback logs at the end of a single run's test
+        student_logits, labels = torch.cat([o[0][0] for o in outputs]), torch.cat([o[1] for o in outputs])
+        for lg in s.logger:
+            if isinstance(lg, TensorBoardLogger):
+                log_test_figures(lg.experiment, student_logits, labels, s.steps, teacher_logits=card_teacher_logits,
+                                 T=float(T), run_dir=figures.get("run_dir"),
+                                 n_examples=figures.get("n_examples", N_EXAMPLES))
     params = sum(v.numel() for v in state.values())
     result: dict[str, Any] = {
         **test, **fit_facts(s.best),
@@ -425,7 +442,8 @@ def finish(s: Student, datamodule: Any, logits: dict[str, Tensor],
         lg.finalize("success")
     (job.dir / "failed.json").unlink(missing_ok=True)
     write_json(job.dir / "metrics.json", {**result, "overrides": job.overrides, "config": job.settings()})
-    write_card(job.dir, job.cfg)  # the cheap model card, as every distillation run writes
+    # the cheap model card, as every distillation run writes (the student's test logits are its own: cheap)
+    write_card(job.dir, job.cfg, datamodule=datamodule, teacher_logits=card_teacher_logits)
     return result
 
 
