@@ -55,3 +55,17 @@ def test_live_bar_with_a_refresh_rate_on_a_terminal(tmp_path: Path, monkeypatch:
     run = built([*tiny_run_overrides(tmp_path), "callbacks.progress_bar.refresh_rate=7"])
     bars = progress_bars(run.trainer)
     assert [type(b) for b in bars] == [TQDMProgressBar] and bars[0].refresh_rate == 7
+
+
+def test_lean_callbacks_keep_lightnings_state_keys() -> None:
+    """The default callbacks' cheaper subclasses write the same callback state keys into checkpoints."""
+    from pytorch_lightning import callbacks as pl_callbacks
+
+    from kd_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    for kwargs in ({"monitor": "val/loss", "filename": "best"}, {"monitor": None, "every_n_epochs": 2}):
+        ours = ModelCheckpoint(**kwargs)
+        assert ours.state_key == pl_callbacks.ModelCheckpoint(**kwargs).state_key
+        ours.monitor = "val/acc"  # a changed setting changes the key, as in Lightning
+        assert ours.state_key == pl_callbacks.ModelCheckpoint(**{**kwargs, "monitor": "val/acc"}).state_key
+    assert EarlyStopping(monitor="val/loss").state_key == pl_callbacks.EarlyStopping(monitor="val/loss").state_key
