@@ -13,6 +13,8 @@ from pytorch_lightning.callbacks import Callback, OnExceptionCheckpoint, Progres
 from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from kd_lightning.checkpoints import AtomicCheckpointIO
+
 # ---- the per-batch cost of callbacks ------------------------------------------------------------------------------
 # Lightning calls every hook of every callback on every batch (6 hooks a training step), each call inside
 # `trainer.profiler.profile(f"[Callback]{callback.state_key}.{hook}")`: a generator context manager and, for
@@ -50,7 +52,8 @@ class ModelCheckpoint(_CachedStateKey, pl_callbacks.ModelCheckpoint):
     """Lightning's ModelCheckpoint (same class name, hence the same state key in checkpoints), cheaper per batch:
     the state key is cached, and `on_train_batch_end` returns at once when no step- or time-based saving is
     configured (where Lightning's own would check the trainer's state and the clock, then return), and an unprofiled
-    trainer gets NoProfiler."""
+    trainer gets NoProfiler. With AtomicCheckpointIO (conf/trainer), a save returns once the file is written: its
+    fsyncs and atomic rename finish on a background thread (kd_lightning/checkpoints.py)."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -68,6 +71,13 @@ class ModelCheckpoint(_CachedStateKey, pl_callbacks.ModelCheckpoint):
         if self._every_n_train_steps < 1 and self._train_time_interval is None:
             return
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        checkpoint_io = trainer.strategy.checkpoint_io
+        if not isinstance(checkpoint_io, AtomicCheckpointIO):
+            return super()._save_checkpoint(trainer, filepath)
+        with checkpoint_io.deferred_sync():  # the fsyncs and the rename on a background thread, in order
+            super()._save_checkpoint(trainer, filepath)
 
 
 class EarlyStopping(_CachedStateKey, pl_callbacks.EarlyStopping):
