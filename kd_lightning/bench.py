@@ -10,6 +10,10 @@ all three through this project's real stack (configs, DataModule, DistillModule,
 It prints samples/s for each, the ratios c/a and c/d, and teacher training samples/s for this stack and for the
 hand-written loop (the PyTorch MNIST example's Adadelta loop). Full MNIST is used when it is in `data_dir`,
 else the offline 5,000-digit sample; the training split is written as IDX files for torchvision's dataset in (d).
+`--only soft,default_live,default_log` times the default run: (e) experiment=soft on the stripped stack, (f) as
+`python train.py experiment=soft` runs it with the live bar, (g) with the log-file lines; these three run on
+full-size data (the fake full-size MNIST of --full-size when full MNIST is absent; --default-run-on-sample: the
+sample), and the output names their data.
 Weights do not change speed: the teacher is a freshly initialized MnistCNN saved as a checkpoint.
 """
 
