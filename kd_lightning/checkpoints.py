@@ -5,16 +5,19 @@ Every file a user depends on (checkpoints, the teacher cache, metrics) is writte
 file in the destination's own directory, flushed and fsynced, then renamed over the destination (a rename is
 atomic only within one filesystem, so the temporary file is never in /tmp). A reader sees the old file or the
 whole new one, also after a full disk or a crash. Lightning's checkpoints go through it via
-`AtomicCheckpointIO` (conf/trainer/default.yaml `plugins`).
+`AtomicCheckpointIO` (conf/trainer/default.yaml `plugins`), whose epoch-end saves leave the fsyncs and the rename to a
+background thread.
 """
 
+import contextlib
 import logging
 import os
 import pickle
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +122,27 @@ def atomic_write(dst: str | Path, write: Callable[[str], None]) -> None:
     """`write(tmp)` to a temporary file beside `dst`, fsync it, then rename: readers see the old file or the whole
     new one. The file gets the mode of any new file (0644 under umask 022), not mkstemp's private 0600, so a
     group can share a cache."""
+    _publish(_write_temporary(dst, write), dst)
+
+
+def _write_temporary(dst: str | Path, write: Callable[[str], None]) -> str:
+    """`write(tmp)` to a new temporary file in `dst`'s directory; the file is removed if `write` fails."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _publish(tmp: str, dst: str | Path) -> None:
+    """fsync the written temporary file `tmp`, rename it over `dst`, fsync the directory."""
+    dst = Path(dst)
+    try:
         with open(tmp, "rb+") as f:  # `write` may have closed its own handle without syncing
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
@@ -153,12 +171,64 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning's own writer serializes to memory and moves the file into place through fsspec, which stages it
     in /tmp: with the run dir on another filesystem, a full disk leaves a truncated checkpoint. Remote paths
     (s3://, ...) keep Lightning's writer.
+
+    Inside `deferred_sync()` (the epoch-end saves of kd_lightning.callbacks.ModelCheckpoint) a save writes the
+    checkpoint to its temporary file and returns; the fsync of the file, the rename and the fsync of the
+    directory follow in order on one background thread, so training does not wait for the disk (on this
+    project's machine the two fsyncs were 2-10 ms a checkpoint, 2-3 checkpoints an epoch). Nothing else changes:
+    each file is still replaced only once its bytes are on disk. Every other call (a save outside, a load, a
+    removal, the teardown at the end of fit) first waits for those pending, and raises their error if one failed.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._deferring = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+
+    @contextlib.contextmanager
+    def deferred_sync(self) -> Iterator[None]:
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+    def wait(self) -> None:
+        """Until every deferred rename is done; the first error of one is raised (the others still finish)."""
+        pending, self._pending = self._pending, []
+        errors = [err for future in pending if (err := future.exception()) is not None]
+        if errors:
+            raise errors[0]
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, path)
+        local = storage_options is None and isinstance(get_filesystem(path), LocalFileSystem)
+        if not (local and self._deferring):
+            self.wait()
+            if not local:
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            return atomic_torch_save(checkpoint, path)
+        tmp = _write_temporary(path, lambda tmp: torch.save(checkpoint, tmp))
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sync")
+        self._pending.append(self._executor.submit(_publish, tmp, path))
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.wait()
+        return super().load_checkpoint(*args, **kwargs)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        self.wait()
+        super().remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+        super().teardown()
 
 
 def intact_checkpoint(checkpoint_dir: Path) -> Path | None:

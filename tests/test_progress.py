@@ -55,3 +55,47 @@ def test_live_bar_with_a_refresh_rate_on_a_terminal(tmp_path: Path, monkeypatch:
     run = built([*tiny_run_overrides(tmp_path), "callbacks.progress_bar.refresh_rate=7"])
     bars = progress_bars(run.trainer)
     assert [type(b) for b in bars] == [TQDMProgressBar] and bars[0].refresh_rate == 7
+
+
+def test_lean_callbacks_keep_lightnings_state_keys() -> None:
+    """The default callbacks' cheaper subclasses write the same callback state keys into checkpoints."""
+    from pytorch_lightning import callbacks as pl_callbacks
+
+    from kd_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    for kwargs in ({"monitor": "val/loss", "filename": "best"}, {"monitor": None, "every_n_epochs": 2}):
+        ours = ModelCheckpoint(**kwargs)
+        assert ours.state_key == pl_callbacks.ModelCheckpoint(**kwargs).state_key
+        ours.monitor = "val/acc"  # a changed setting changes the key, as in Lightning
+        assert ours.state_key == pl_callbacks.ModelCheckpoint(**{**kwargs, "monitor": "val/acc"}).state_key
+    assert EarlyStopping(monitor="val/loss").state_key == pl_callbacks.EarlyStopping(monitor="val/loss").state_key
+
+
+def test_deferred_checkpoint_sync_keeps_order_and_reports_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Epoch-end saves return before their fsyncs and rename; those run in order, and a failure is raised later."""
+    import errno
+    import os
+
+    import torch
+
+    from kd_lightning.checkpoints import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    with io.deferred_sync():
+        for step in range(3):
+            io.save_checkpoint({"step": step}, path)
+    io.teardown()
+    assert torch.load(path, weights_only=True)["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with io.deferred_sync():
+        io.save_checkpoint({"step": 3}, path)
+    with pytest.raises(OSError, match="Input/output error"):
+        io.teardown()
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 2  # the old file stays whole, no temporary file is left
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
