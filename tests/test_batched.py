@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.func import stack_module_state
 
@@ -14,7 +15,7 @@ from kd_lightning.batched.groups import group_key, not_batchable
 from kd_lightning.batched.stacked import Job, mlp_layers, run_group, stacked_mlp
 from kd_lightning.checkpoints import load_checkpoint, load_net
 from kd_lightning.config import compose_train_config
-from kd_lightning.losses import kd_term, stacked_kd_term
+from kd_lightning.losses import kd_term, stacked_cross_entropy, stacked_kd_term, stacked_log_softmax
 from kd_lightning.models import MLP, MnistCNN
 from kd_lightning.train import train
 
@@ -67,19 +68,28 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 
 
 def test_the_stacked_forward_and_kd_term_are_each_students_own() -> None:
-    """stacked_mlp on one shared batch and on a batch per student, and stacked_kd_term, against each net alone."""
+    """stacked_mlp on one shared batch and on a batch per student, stacked_kd_term and stacked_cross_entropy
+    (values and gradients), against each net and loss alone."""
     torch.manual_seed(0)
     nets = [MLP(hidden=(16, 8)).double() for _ in range(3)]
     layers = mlp_layers(stack_module_state(nets)[0])
     shared, own = torch.randn(5, 784, dtype=torch.float64), torch.randn(3, 5, 784, dtype=torch.float64)
     T = torch.tensor([1.0, 2.5, 8.0], dtype=torch.float64)
     targets = F.log_softmax(torch.randn(3, 5, 10, dtype=torch.float64) / T[:, None, None], dim=-1)
+    labels = torch.randint(0, 10, (3, 5))
     logits_shared, logits_own = stacked_mlp(layers, shared), stacked_mlp(layers, own)
-    kd = stacked_kd_term(logits_own, targets, T)
+    kd, ce = stacked_kd_term(logits_own, targets, T), stacked_cross_entropy(logits_own, labels)
+    kd_grad, ce_grad = (torch.autograd.grad(term.sum(), logits_own, retain_graph=True)[0] for term in (kd, ce))
     for i, net in enumerate(nets):
         torch.testing.assert_close(logits_shared[i], net(shared), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(logits_own[i], net(own[i]), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(kd[i], kd_term(logits_own[i], targets[i], float(T[i])), rtol=1e-12, atol=1e-12)
+        alone = logits_own[i].detach().requires_grad_()
+        for stacked, grad, term in ((kd, kd_grad, kd_term(alone, targets[i], float(T[i]))),
+                                    (ce, ce_grad, F.cross_entropy(alone, labels[i]))):
+            torch.testing.assert_close(stacked[i], term, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(grad[i], torch.autograd.grad(term, alone)[0], rtol=1e-12, atol=1e-12)
+    extreme = torch.tensor([[[1e4, -1e4, 0.0], [-1e30, 5.0, 5.0]]], dtype=torch.float64)  # no overflow: shifted by the max
+    torch.testing.assert_close(stacked_log_softmax(extreme), F.log_softmax(extreme, dim=-1), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.slow  # several full runs in-process
@@ -147,6 +157,28 @@ def test_a_non_finite_loss_fails_its_own_job_only(common: list[str], tmp_path: P
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-12, atol=1e-15)
 
 
+def test_the_launcher_takes_the_configs_the_sweeper_composed() -> None:
+    """Each job's config is composed once: the sweeper's check composes it, the launcher takes that one (as it
+    was composed, whatever the checker did with its copy); a config not composed before is composed then."""
+    from hydra_plugins.kd_batched_launcher.batched_launcher import KeptComposes
+
+    calls: list[list[str]] = []
+
+    class Loader:
+        def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+            calls.append(list(sweep_overrides))
+            return OmegaConf.create({"overrides": list(sweep_overrides)})
+
+    loader, master = KeptComposes(Loader()), OmegaConf.create()
+    for overrides in (["seed=1"], ["seed=2"]):
+        loader.load_sweep_config(master, overrides).overrides.append("changed by the checker")
+    assert loader.take(master, ("seed=2",)) == {"overrides": ["seed=2"]}
+    assert loader.take(master, ["seed=1"]) == {"overrides": ["seed=1"]}
+    assert calls == [["seed=1"], ["seed=2"]]
+    assert loader.take(master, ["seed=1"]) == {"overrides": ["seed=1"]} and calls[-1] == ["seed=1"] and len(calls) == 3
+    assert loader.take(OmegaConf.create(), ["seed=2"]) == {"overrides": ["seed=2"]} and len(calls) == 4  # another master
+
+
 def test_grouping_and_fallback_reasons(common: list[str], tmp_path: Path) -> None:
     base = config(common, JOBS[0], tmp_path / "a")
     assert group_key(base) == group_key(config(common, JOBS[1], tmp_path / "b"))  # seed, group, T, alpha
@@ -171,6 +203,9 @@ def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path
     for job in range(4):
         d = sweep / str(job)
         assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= {p.name for p in (d / ".hydra").iterdir()}
+        job_cfg = OmegaConf.load(d / ".hydra" / "config.yaml")  # its own config (the launcher reuses the checked ones)
+        assert OmegaConf.load(d / ".hydra" / "overrides.yaml")[-2:] == [f"distill.T={job_cfg.distill.T}",
+               f"distill.cache_teacher_logits={job_cfg.distill.cache_teacher_logits}"]
         metrics = json.loads((d / "metrics.json").read_text())
         assert metrics["epochs"] == 2 and metrics["output_dir"] == str(d)
         assert {"best.ckpt", "last.ckpt", "epoch001.ckpt"} <= {p.name for p in (d / "checkpoints").iterdir()}

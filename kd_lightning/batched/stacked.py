@@ -18,6 +18,7 @@ Each student gets what a run of train.py gives it, computed the same way:
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -145,8 +146,10 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
     dtype = DTYPES[precision]
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
 
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=AUTOCAST.get(precision), enabled=precision in AUTOCAST)
+    # bf16-mixed: forward and loss under autocast, as Lightning's plugin runs them; else no context at all (a
+    # disabled torch.autocast still costs ~20 us a step)
+    autocast = (functools.partial(torch.autocast, device.type, dtype=AUTOCAST[precision]) if precision in AUTOCAST
+                else contextlib.nullcontext)
 
     datamodule = prepare_data(cfg)
     teacher_ckpt = ensure_teacher(cfg, datamodule)  # the same teacher for the group: not a batched key
@@ -214,6 +217,9 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
                               for seed in data_seeds]).to(device)  # the TensorLoader's order of each data seed
         sums = torch.zeros(len(jobs), 3, dtype=dtype, device=device)
         count = 0
+        # The active students step together, so they share one step count; the rest changes only when one fails.
+        steps = next(s.steps for s, a in zip(students, active) if a)
+        active_mask, frozen_rows = frozen_students(active, frozen, device)
         for b in range(n_batches):
             batch = orders[:, b * batch_size:(b + 1) * batch_size]  # [data seeds, batch]
             x = datamodule.normalize(images[batch.flatten()]).to(dtype).flatten(1).unflatten(0, batch.shape)
@@ -227,25 +233,31 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
                 soft = stacked_kd_term(student_logits, soft_targets[student_T, idx], T)
                 terms = torch.stack([torch.lerp(hard, soft, weight), hard, soft], dim=1)  # [students, 3]
             finite = torch.isfinite(terms[:, 0])
-            if not bool(finite[active].all()):  # one host sync a step, as a single run's check
+            if not bool(finite[active_mask].all()):  # one host sync a step, as a single run's check
                 for i in torch.nonzero(~finite).flatten().tolist():
                     if active[i]:
+                        students[i].steps = steps
                         fail(students[i], terms[i], epoch, params, frozen, i)
                         active[i] = False
+                active_mask, frozen_rows = frozen_students(active, frozen, device)
             terms[:, 0].sum().backward()
             optimizer.step()
-            inactive = [i for i, a in enumerate(active) if not a]
-            if inactive:
+            if frozen_rows is not None:  # stopped and failed students: their weights put back
                 with torch.no_grad():
-                    for k, p in params.items():
-                        p[inactive] = frozen[k][inactive]
+                    for p, (rows, weights) in zip(params.values(), frozen_rows):
+                        p.index_copy_(0, rows, weights)
             sums += terms.detach() * idx.shape[1]
             count += idx.shape[1]
-            for i, s in enumerate(students):
-                if active[i]:
-                    s.steps += 1
-                    if s.steps % log_every == 0:
-                        log_step_terms(s, terms[i].detach(), epoch)
+            steps += 1
+            if steps % log_every == 0:
+                step_terms = terms.detach().cpu()
+                for i, s in enumerate(students):
+                    if active[i]:
+                        s.steps = steps
+                        log_step_terms(s, step_terms[i], epoch)
+        for s, a in zip(students, active):
+            if a:
+                s.steps = steps
         train_seconds += time.perf_counter() - epoch_started
 
         val_started = time.perf_counter()
@@ -316,6 +328,14 @@ def set_best(s: Student, score: Tensor) -> None:
     s.best.best_model_score, s.best.best_model_path = score, path
     s.best.best_k_models = {path: score}
     s.best.kth_best_model_path, s.best.kth_value = path, score
+
+
+def frozen_students(active: list[bool], frozen: dict[str, Tensor],
+                    device: torch.device) -> tuple[Tensor, list[tuple[Tensor, Tensor]] | None]:
+    """The active students as a mask, and the rows and kept weights of the others (None when all are active)."""
+    rows = torch.tensor([i for i, a in enumerate(active) if not a], dtype=torch.long, device=device)
+    kept = [(rows, w.index_select(0, rows)) for w in frozen.values()] if len(rows) else None
+    return torch.tensor(active, device=device), kept
 
 
 def stop(s: Student, params: dict[str, Tensor], frozen: dict[str, Tensor], i: int) -> None:
