@@ -272,7 +272,8 @@ def main() -> None:
 
         # The default run (e)-(g) on full-size epochs, as users run it: without full MNIST, on the full-size fake
         # one (the 5k sample's 50 steps an epoch would weigh its per-epoch costs ~15x more than full MNIST's 750).
-        default_data = f"{'full-size fake MNIST' if args.full_size else dm.source} ({len(dm.splits['train'][0]):,} training images)"
+        data_name = "full-size fake MNIST (--full-size: the 5k sample tiled, shifted, noised)" if args.full_size else dm.source
+        default_data = f"{data_name} ({len(dm.splits['train'][0]):,} training images)"
         full_size_dir = None
         if dm.source == SAMPLE_SOURCE and not args.default_run_on_sample:
             full_size_dir = tmp_path / "full_size"
@@ -324,7 +325,6 @@ def main() -> None:
         print(f"speed-up batched / basic launcher (target >= 10x on a 2-core CPU): "
               f"{results['sweep_batched'] / results['sweep_basic']:.1f}x")
         results = {k: v for k, v in results.items() if not k.startswith("sweep_")}
-    data_name = "full-size fake MNIST (--full-size: the 5k sample tiled, shifted, noised)" if args.full_size else dm.source
     print(f"\nTraining throughput on {args.device} ({torch.get_num_threads()} threads), data: {data_name}, batch {BATCH}, "
           f"student {args.student}")
     if {"soft", "default_live", "default_log"} & set(results):
