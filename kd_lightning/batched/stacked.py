@@ -437,12 +437,12 @@ def finish(s: Student, datamodule: Any, logits: dict[str, Tensor], card_teacher_
             lg.finalize("failed")
         return None
     state = {k[len("net."):]: v.to(T.device).unsqueeze(0) for k, v in s.best_state.items()}
-    outputs: list[tuple[Tensor, Tensor]] = []
+    figures = job.cfg.callbacks.get("tensorboard_figures")
+    outputs: list[tuple[Tensor, Tensor]] | None = [] if figures is not None else None  # the figures' logits
     test = evaluate(mlp_layers(state), datamodule, "test", logits["test"], T, dtype, autocast, outputs)[0]
     for lg in s.logger:
         lg.log_metrics({**test, "epoch": s.epochs}, step=s.steps)
-    figures = job.cfg.callbacks.get("tensorboard_figures")
-    if figures is not None:  # what the TensorBoardFigures callback logs at the end of a single run's test
+    if outputs is not None:  # what the TensorBoardFigures callback logs at the end of a single run's test
         student_logits, labels = torch.cat([o[0][0] for o in outputs]), torch.cat([o[1] for o in outputs])
         for lg in s.logger:
             if isinstance(lg, TensorBoardLogger):
