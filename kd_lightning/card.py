@@ -6,7 +6,7 @@ as tracin.py finds it) and run on the whole test split of the run's data. The ca
 example, checkpoint and ONNX file sizes, CPU latency at batch 1 and 256 (torch.utils.benchmark: median and IQR,
 threads stated) and the student's speed-up, test accuracy, NLL, expected calibration error, top-1 agreement,
 per-class accuracy, the data source and the command that produced each model. card.png: reliability diagrams,
-confusion matrices, accuracy against latency.
+confusion matrices, accuracy against latency, per-class accuracy (drawn with Pillow: kd_lightning/drawing.py).
 
 Every distillation run writes the cheap part of the card (`write_card(run_dir, ..., timing=False)`: no latency, no
 ONNX export) when it ends, so each job dir of a sweep holds one. It is cheap: a caller that holds the run's test-split
@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import platform
 import shlex
 import tempfile
@@ -27,22 +28,35 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from matplotlib.figure import Figure  # figures without pyplot, as report.py
-from matplotlib.ticker import NullLocator
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from torch.utils import benchmark
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 
 from kd_lightning import config
 from kd_lightning.checkpoints import atomic_write, load_net
+from kd_lightning.drawing import (
+    BLACK,
+    GREY,
+    RED,
+    STUDENT_COLOUR,
+    TEACHER_COLOUR,
+    WHITE,
+    Chart,
+    font,
+    superscript,
+    tick_classes,
+    tinted,
+    vertical_text,
+)
 from kd_lightning.errors import InputError, exit_on_error
 from kd_lightning.models.stats import mult_adds
 from kd_lightning.teacher import _logit_cache_problem, file_sha256
+from kd_lightning.tensorboard_figures import confusion_image
 
 log = logging.getLogger(__name__)
 
@@ -390,77 +404,86 @@ def markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-CARD_DPI = 100
-CARD_SIZE = (14.0, 9.0)  # inches: 1400 x 900 pixels at CARD_DPI
+PANEL = (600, 480)  # pixels of each chart panel; card.png is 3 x 2 panels under a title line
 
 
-def plot(card: dict[str, Any]) -> Figure:
-    """card.png's figure: reliability diagrams and confusion matrices of both nets, accuracy against cost (or
-    latency), per-class accuracy. A fixed layout with set ticks, no tight_layout: drawing it is most of the cost of
-    the cheap card, written by every distillation run."""
-    fig = Figure(figsize=CARD_SIZE)
-    fig.subplots_adjust(left=0.045, right=0.985, bottom=0.06, top=0.915, wspace=0.25, hspace=0.3)
-    axes = fig.subplots(2, 3)
+def plot(card: dict[str, Any]) -> Image.Image:
+    """card.png: for teacher and student, the reliability diagram and the confusion matrix; accuracy against latency
+    (mult-adds in the cheap card) and per-class accuracy of both. Drawn with Pillow (kd_lightning/drawing.py): the
+    same six matplotlib panels cost ~0.4 s, and every distillation run draws one."""
+    confusions = [confusion_image(torch.tensor(card[role]["quality"]["confusion"]),
+                                  f"{role} ({card[role]['net_name']}): test confusion (counts; colour: row share)")
+                  for role in ("teacher", "student")]
+    column = max(PANEL[0], *(c.shape[1] for c in confusions))
+    row = [PANEL[1], max(PANEL[1], *(c.shape[0] for c in confusions))]
+    title_height = 44
+    image = Image.new("RGB", (3 * column, title_height + sum(row)), WHITE)
+    draw = ImageDraw.Draw(image)
+    draw.text((image.width // 2, 12), f"{card['student']['net_name']} distilled from {card['teacher']['net_name']} · "
+              f"{card['data_source']}", fill=BLACK, font=font(17), anchor="ma")
+
+    def chart(col: int, xlim: tuple[float, float], ylim: tuple[float, float], *, log_x: bool = False,
+              bottom_row: bool = False) -> Chart:
+        left = col * column + (column - PANEL[0]) // 2
+        top = title_height + (row[0] + (row[1] - PANEL[1]) // 2 if bottom_row else 0)
+        return Chart(image, (left + 78, top + 40, left + PANEL[0] - 22, top + PANEL[1] - 62), xlim, ylim, log_x=log_x)
+
     unit = [0, 0.25, 0.5, 0.75, 1]
-    for col, role in enumerate(("teacher", "student")):
+    for col, (role, confusion) in enumerate(zip(("teacher", "student"), confusions)):
         side = card[role]
         q = side["quality"]
         bins = q["reliability"]
         n_bins = len(bins["count"])
-        centers = [(i + 0.5) / n_bins for i in range(n_bins)]
-        ax = axes[0, col]
-        ax.bar(centers, bins["accuracy"], width=1 / n_bins, edgecolor="black", alpha=0.7, label="accuracy")
-        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-        shown = [(c, a) for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["count"]) if n]
-        ax.plot(*zip(*shown), "o", color="tab:red", label="bin: (mean confidence, accuracy)")
-        for center, n in zip(centers, bins["count"]):
+        ax = chart(col, (0, 1), (0, 1))
+        bar_colour = tinted(TEACHER_COLOUR, 0.7)
+        for k, n in enumerate(bins["count"]):
             if n:
-                ax.text(center, 0.01, f"{n:.0f}", ha="center", fontsize=6, rotation=90)  # examples in the bin
-        ax.set(xlim=(0, 1), ylim=(0, 1), xticks=unit, yticks=unit, xlabel="confidence (max softmax)",
-               ylabel="accuracy", title=f"{role} ({side['net_name']}): ECE {q['ece']:.4f}")
-        ax.legend(loc="upper left", fontsize=8)
-        ax = axes[1, col]
-        confusion = torch.tensor(q["confusion"], dtype=torch.float)
-        rates = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
-        image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-        ax.set(xlabel="predicted class", ylabel="true class", title=f"{role} confusion (row-normalized)")
-        ticks = class_ticks(len(rates))
-        ax.set(xticks=ticks, yticks=ticks)
-        fig.colorbar(image, ax=ax, fraction=0.046, ticks=[0, 0.5, 1])
-    ax = axes[0, 2]
+                ax.bar((k + 0.5) / n_bins, 1 / n_bins, bins["accuracy"][k], bar_colour, outline=BLACK)
+        ax.dashed_line((0, 1e-9), (1, 1), GREY)
+        for k, n in enumerate(bins["count"]):
+            if n:
+                ax.marker(bins["confidence"][k], bins["accuracy"][k], "o", 4, RED)
+                vertical_text(image, (round(ax.x((k + 0.5) / n_bins)), round(ax.y(0)) - 18), f"{n:.0f}", 9)
+        ax.axes(f"{role} ({side['net_name']}): ECE {q['ece']:.4f}", "confidence (max softmax)", "accuracy", unit, unit)
+        ax.legend([("dash", GREY, "perfect calibration"), ("o", RED, "bin: (mean confidence, accuracy)"),
+                   ("bar", bar_colour, "accuracy (bin's examples at its foot)")], "upper left",
+                  avoid=[(c, a) for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["count"]) if n])
+        left = col * column + (column - confusion.shape[1]) // 2
+        image.paste(Image.fromarray(confusion), (left, title_height + row[0] + (row[1] - confusion.shape[0]) // 2))
+
     timed = bool(card["threads"])
-    for role, marker in (("teacher", "s"), ("student", "o")):
-        side = card[role]
-        x = side["latency"][LATENCY_BATCHES[0]]["median_ms"] if timed else side["mult_adds"]
-        ax.plot([x], [side["quality"]["acc"]], marker, markersize=10, label=f"{role} ({side['net_name']})")
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_locator(NullLocator())  # the decades only: a log axis's minor ticks cost the most here
-    ax.margins(0.3)  # the two points stay clear of the frame
-    ax.set(xlabel=f"CPU latency at batch 1, ms ({_threads(card['threads'])})" if timed
-           else "mult-adds per example (latency not measured)", ylabel="test accuracy",
-           title="accuracy vs " + ("latency" if timed else "cost"))
-    ax.legend(fontsize=8)  # "best": the points may lie anywhere
-    ax = axes[1, 2]
+    cost = {role: card[role]["latency"][LATENCY_BATCHES[0]]["median_ms"] if timed else card[role]["mult_adds"]
+            for role in ("teacher", "student")}
+    lo, hi = (math.log10(v) for v in sorted(cost.values()))
+    margin = 0.3 * (hi - lo) if hi > lo else 0.5  # the two points clear of the frame
+    ax = chart(2, (10 ** (lo - margin), 10 ** (hi + margin)), (0, 1.05), log_x=True)
+    decades = range(math.ceil(lo - margin), math.floor(hi + margin) + 1)
+    for role, shape, colour in (("teacher", "s", TEACHER_COLOUR), ("student", "o", STUDENT_COLOUR)):
+        acc = card[role]["quality"]["acc"]
+        ax.marker(cost[role], acc, shape, 8, colour)
+        draw.text((ax.x(cost[role]) + 13, ax.y(acc)), f"{acc:.3f}", fill=BLACK, font=font(12), anchor="lm")
+    ax.axes("accuracy vs " + ("latency" if timed else "cost"),
+            f"CPU latency at batch 1, ms ({_threads(card['threads'])})" if timed
+            else "mult-adds per example (latency not measured)", "test accuracy",
+            [10.0 ** d for d in decades], unit, [f"10{superscript(d)}" for d in decades])
+    ax.legend([("s", TEACHER_COLOUR, f"teacher ({card['teacher']['net_name']})"),
+               ("o", STUDENT_COLOUR, f"student ({card['student']['net_name']})")], "lower right",
+              avoid=[(cost[role], card[role]["quality"]["acc"]) for role in cost])
+
     n = len(card["teacher"]["quality"]["per_class_acc"])
-    for offset, role in ((-0.2, "teacher"), (0.2, "student")):
-        ax.bar([c + offset for c in range(n)], card[role]["quality"]["per_class_acc"], width=0.4, label=role)
-    ax.set(xlabel="class", ylabel="test accuracy", title="per-class accuracy", ylim=(0, 1.05), xticks=class_ticks(n),
-           yticks=unit)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{card['student']['net_name']} distilled from {card['teacher']['net_name']} · {card['data_source']}")
-    return fig
-
-
-def class_ticks(n: int) -> list[int]:
-    """Every class up to 20 classes, else about ten evenly spaced ones."""
-    step = 1 if n <= 20 else int(np.ceil(n / 10))
-    return list(range(0, n, step))
+    ax = chart(2, (-0.6, n - 0.4), (0, 1.22), bottom_row=True)  # room for the key above the bars
+    for offset, role, colour in ((-0.2, "teacher", TEACHER_COLOUR), (0.2, "student", STUDENT_COLOUR)):
+        for c, acc in enumerate(card[role]["quality"]["per_class_acc"]):
+            ax.bar(c + offset, 0.4, acc, colour)
+    ax.axes("per-class accuracy", "class", "test accuracy", tick_classes(n), unit)
+    ax.legend([("bar", TEACHER_COLOUR, "teacher"), ("bar", STUDENT_COLOUR, "student")], "upper right")
+    return image
 
 
 def plot_png(card: dict[str, Any]) -> bytes:
     """card.png's bytes (zlib level 1: a third of level 6's time for a slightly larger file)."""
     buffer = io.BytesIO()
-    plot(card).savefig(buffer, dpi=CARD_DPI, format="png", pil_kwargs={"compress_level": 1})
+    plot(card).save(buffer, format="png", compress_level=1)
     return buffer.getvalue()
 
 

@@ -14,16 +14,14 @@ by plain functions of tensors that log into any TensorBoard `SummaryWriter`-like
 (`log_test_figures`).
 """
 
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import matplotlib  # its colour map and font only: nothing is drawn with it here
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
@@ -31,6 +29,19 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from kd_lightning.config import saved_run_config
+from kd_lightning.drawing import (
+    BLACK,
+    GREY,
+    LIGHT,
+    STUDENT_COLOUR,
+    TEACHER_COLOUR,
+    WHITE,
+    blues,
+    font,
+    text_width,
+    tick_classes,
+    vertical_text,
+)
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 N_EXAMPLES = 4  # test examples in the dark-knowledge picture
@@ -123,45 +134,8 @@ def log_dark_knowledge(experiment: Any, teacher_logits: Tensor, student_logits: 
                          dataformats="HWC")
 
 
-# ---- drawing ---------------------------------------------------------------------------------------------------
-BLACK, GREY, LIGHT, WHITE = (0, 0, 0), (110, 110, 110), (225, 225, 225), (255, 255, 255)
-TEACHER_COLOUR, STUDENT_COLOUR = (31, 119, 180), (255, 127, 14)  # matplotlib's tab:blue and tab:orange
-
-
-@cache
-def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """DejaVu Sans (shipped with matplotlib) at `size` pixels; Pillow's own font if it cannot be read."""
-    try:
-        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
-    except OSError:
-        return ImageFont.load_default(size)
-
-
-def text_width(text: str, size: int) -> int:
-    left, _, right, _ = font(size).getbbox(text)
-    return int(right - left)
-
-
-def vertical_text(image: Image.Image, centre: tuple[int, int], text: str, size: int) -> None:
-    """`text` rotated by 90 degrees (read bottom to top), centred on `centre`."""
-    w, h = text_width(text, size) + 4, size + 6
-    strip = Image.new("RGB", (w, h), WHITE)
-    ImageDraw.Draw(strip).text((w // 2, h // 2), text, fill=BLACK, font=font(size), anchor="mm")
-    strip = strip.rotate(90, expand=True)
-    image.paste(strip, (centre[0] - strip.width // 2, centre[1] - strip.height // 2))
-
-
-def tick_classes(n: int) -> range:
-    """Every class up to 20 classes, else about ten evenly spaced ones."""
-    return range(0, n, 1 if n <= 20 else -(-n // 10))
-
-
-def blues(values: np.ndarray) -> np.ndarray:
-    """matplotlib's "Blues" colour map (as the card's matrices), uint8 RGB, for values in [0, 1]."""
-    return (matplotlib.colormaps["Blues"](np.clip(values, 0, 1))[..., :3] * 255).round().astype(np.uint8)
-
-
-def confusion_image(confusion: Tensor) -> np.ndarray:
+# ---- drawing (kd_lightning/drawing.py: Pillow, no matplotlib figure) ---------------------------------------
+def confusion_image(confusion: Tensor, title: str = "test confusion matrix (counts; colour: row share)") -> np.ndarray:
     """The confusion matrix as an RGB uint8 image [H, W, 3]: cells coloured by row share (white 0 to dark blue 1,
     with a colour bar), counts written in the non-empty cells (up to 20 classes), true class down, predicted
     across."""
@@ -170,7 +144,6 @@ def confusion_image(confusion: Tensor) -> np.ndarray:
     n = len(counts)
     cell = 44 if n <= 10 else 32 if n <= 20 else max(3, 640 // n)
     grid = n * cell
-    title = "test confusion matrix (counts; colour: row share)"
     left, top, bottom, bar_gap, bar_w, bar_labels = 62, 44, 56, 16, 18, 64
     width = max(left + grid + bar_gap + bar_w + bar_labels, text_width(title, 15) + 24)
     height = top + grid + bottom

@@ -3,16 +3,19 @@
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import Image, ImageChops
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from kd_lightning.card import calibration_error, reliability_bins, run_config, write_card
+from kd_lightning.card import PANEL, calibration_error, plot, reliability_bins, run_config, write_card
 from kd_lightning.card import test_logits as split_logits  # not collected as a test
 from kd_lightning.checkpoints import load_net
 from kd_lightning.config import compose_train_config
@@ -140,6 +143,33 @@ def test_log_test_figures_logs_what_the_callback_logs(soft_run: Path, tmp_path: 
     assert (dark.width, dark.height) == (theirs.width, theirs.height)
     assert (ours.Tensors("config/text_summary")[0].tensor_proto.string_val
             == callbacks.Tensors("config/text_summary")[0].tensor_proto.string_val)
+
+
+def test_card_png_draws_each_panel_from_the_cards_numbers(soft_run: Path) -> None:
+    """Changing one number of the card changes the pixels of its own panel only (3 x 2 panels under a title)."""
+    card = write_card(soft_run)
+    image = plot(card)
+    assert Image.open(soft_run / "card.png").size == image.size == (3 * PANEL[0], 44 + 540 + PANEL[1])
+
+    def changed_panels(edit) -> set[tuple[int, int]]:  # (row, column) of the panels whose pixels differ
+        other = json.loads(json.dumps(card))
+        edit(other)
+        other["teacher"]["latency"] = other["student"]["latency"] = None  # as write_card leaves them
+        diff = np.asarray(ImageChops.difference(image, plot(other)).convert("L")) > 0
+        rows, cols = np.nonzero(diff[44:])
+        return {(int(r >= PANEL[1]), int(c // PANEL[0])) for r, c in zip(rows, cols)}
+
+    def student(key: str, value: object) -> Callable[[dict], None]:
+        return lambda c: c["student"]["quality"].__setitem__(key, value)
+
+    assert changed_panels(lambda c: None) == set()
+    flipped = [row[::-1] for row in card["student"]["quality"]["confusion"]]
+    assert changed_panels(student("confusion", flipped)) == {(1, 1)}
+    assert changed_panels(student("per_class_acc", [0.5] * 10)) == {(1, 2)}
+    bins = {**card["student"]["quality"]["reliability"], "accuracy": [0.5] * 15}
+    assert changed_panels(student("reliability", bins)) == {(0, 1)}
+    assert changed_panels(lambda c: c["teacher"]["quality"].__setitem__("ece", 0.5)) == {(0, 0)}
+    assert changed_panels(lambda c: c["teacher"].__setitem__("mult_adds", 10 ** 9)) == {(0, 2)}
 
 
 def test_ece_equals_the_hand_computed_value() -> None:
