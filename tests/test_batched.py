@@ -15,9 +15,10 @@ from kd_lightning.batched.groups import group_key, not_batchable
 from kd_lightning.batched.stacked import Job, mlp_layers, run_group, stacked_mlp
 from kd_lightning.checkpoints import load_checkpoint, load_net
 from kd_lightning.config import compose_train_config
+from kd_lightning.influence.tracin import checkpoint_lr
 from kd_lightning.losses import kd_term, stacked_cross_entropy, stacked_kd_term, stacked_log_softmax
 from kd_lightning.models import MLP, MnistCNN
-from kd_lightning.train import train
+from kd_lightning.train import resume_config, train
 
 # Different seeds (initial weights, data order), loss groups, T and alpha; a large min_delta makes some stop early.
 JOBS = [
@@ -56,7 +57,7 @@ def images(run_dir: Path) -> dict[str, list[tuple[int, bytes]]]:
 
 
 def quality_rows(card: str) -> list[str]:
-    """The model card's table rows but the checkpoint's file size (a batched checkpoint holds no optimizer state)."""
+    """The model card's table rows but the checkpoint's file size (a batched checkpoint holds no RNG state)."""
     return [row for row in card.splitlines() if row.startswith("|") and not row.startswith("| checkpoint file")]
 
 
@@ -121,12 +122,36 @@ def test_batched_jobs_equal_separate_runs(common: list[str], tmp_path: Path) -> 
         assert quality_rows(cards[1]) == quality_rows(cards[0]), i
         names = sorted(p.name for p in (run_alone / "checkpoints").glob("*.ckpt"))
         assert sorted(p.name for p in (run_batched / "checkpoints").glob("*.ckpt")) == names
-        for name in names:  # final (last), best and periodic weights
+        for name in names:  # final (last), best and periodic: weights, optimizer state, loop counters
             a, b = load_checkpoint(run_alone / "checkpoints" / name), load_checkpoint(run_batched / "checkpoints" / name)
             assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"], (i, name)
             for key, tensor in a["state_dict"].items():
                 torch.testing.assert_close(b["state_dict"][key], tensor, rtol=1e-9, atol=1e-12)
+            assert b["loops"] == a["loops"] and b["callbacks"].keys() == a["callbacks"].keys(), (i, name)
+            (opt_a,), (opt_b,) = a["optimizer_states"], b["optimizer_states"]
+            assert opt_b["param_groups"] == opt_a["param_groups"] and opt_b["state"].keys() == opt_a["state"].keys()
+            assert checkpoint_lr(b, run_batched) == checkpoint_lr(a, run_alone)  # TracIn's learning rate η
+            for k, state in opt_a["state"].items():
+                assert state.keys() == opt_b["state"][k].keys()
+                for name_, tensor in state.items():
+                    torch.testing.assert_close(opt_b["state"][k][name_], tensor, rtol=1e-9, atol=1e-15)
         load_net(run_batched / "checkpoints" / "best.ckpt")  # what eval.py and tracin.py do
+
+    # `train.py resume=<job dir>` continues a batched job as it continues a separate run: two more epochs each.
+    full = next(i for i, r in enumerate(alone) if r["epochs"] == EPOCHS)  # one that early stopping let run on
+    resumed = []
+    for run in (tmp_path / "alone" / str(full), tmp_path / "batched" / str(full)):
+        (run / ".hydra").mkdir(exist_ok=True)  # as Hydra records a run; resume= reads it
+        OmegaConf.save(config(common, JOBS[full], run), run / ".hydra" / "config.yaml")
+        resumed.append(train(resume_config(run, [f"trainer.max_epochs={EPOCHS + 2}"])))
+    assert resumed[0]["epochs"] > EPOCHS and resumed[1]["epochs"] == resumed[0]["epochs"]
+    for key, value in resumed[0].items():
+        if isinstance(value, float) and key not in ("wall_seconds", "seconds_per_epoch"):
+            assert resumed[1][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    a, b = (load_checkpoint(tmp_path / run / str(full) / "checkpoints" / "last.ckpt") for run in ("alone", "batched"))
+    assert a["epoch"] == b["epoch"] == resumed[0]["epochs"] - 1
+    for key, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], tensor, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.slow  # several full runs in-process

@@ -184,6 +184,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
     images, labels = (t.to(device) for t in datamodule.splits["train"])
     batch_size = datamodule.batch_size
     n_batches = batches_per_epoch(-(-len(images) // batch_size), cfg.trainer.get("limit_train_batches"))
+    val_batches = len(datamodule.val_dataloader())
     max_epochs, log_every = int(cfg.trainer.max_epochs), max(int(cfg.trainer.get("log_every_n_steps", 50)), 1)
     train_seconds, val_seconds = 0.0, 0.0
     state_path, first_epoch = group_state_path(jobs), 0
@@ -264,6 +265,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
         val = evaluate(layers, datamodule, "val", logits["val"], T, dtype, autocast)
         val_seconds += time.perf_counter() - val_started
         writes: list[tuple[dict, Path]] = []
+        group_optimizer_state = optimizer.state_dict()
         for i, s in enumerate(students):
             if not active[i]:
                 continue
@@ -275,7 +277,8 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
                 lg.log_metrics({**val[i], "epoch": epoch}, step=s.steps - 1)
                 lg.log_metrics({**means, "epoch": epoch}, step=s.steps - 1)
             state = {f"net.{k}": v[i].detach().clone().cpu() for k, v in {**params, **buffers}.items()}
-            writes += end_of_epoch(s, epoch, state, net_config, (train_seconds, val_seconds))
+            writes += end_of_epoch(s, epoch, state, net_config, (train_seconds, val_seconds),
+                                   student_optimizer_state(group_optimizer_state, i), (n_batches, val_batches))
             if s.early_stopping is not None:  # Lightning's own rule; the fit goes on until min_epochs
                 should_stop, _ = s.early_stopping._evaluate_stopping_criteria(torch.tensor(val[i]["val/loss"]))
                 s.stop_requested |= should_stop
@@ -391,20 +394,69 @@ def evaluate(layers: list[tuple[Tensor, Tensor]], datamodule: Any, split: str, t
              f"{split}/agreement": float(m[3]), f"{split}/teacher_acc": float(m[4])} for m in means]
 
 
-def checkpoint(s: Student, epoch: int, state: dict[str, Tensor], net_config: Any, seconds: tuple[float, float]) -> dict:
-    """A checkpoint in the layout a Lightning fit of DistillModule writes (the fields this project reads)."""
+def checkpoint(s: Student, epoch: int, state: dict[str, Tensor], net_config: Any, seconds: tuple[float, float],
+               optimizer_state: dict[str, Any], batches: tuple[int, int]) -> dict:
+    """The checkpoint a Lightning fit of DistillModule writes at the end of `epoch`: weights, callback states,
+    the student's optimizer state, the loop counters (`batches`: training and validation batches an epoch), so
+    that eval.py, tracin.py and `train.py resume=<job dir>` read it as a separate run's. No `rng_states`: a
+    batchable run draws no global random numbers (no dropout; its data order has its own generator)."""
     callbacks = {cb.state_key: cb.state_dict() for cb in (s.best, s.last, s.periodic, s.early_stopping) if cb is not None}
     callbacks["Timer"] = {"time_elapsed": {"train": seconds[0], "validate": seconds[1], "test": 0.0}}
     return {
         "epoch": epoch, "global_step": s.steps, "pytorch-lightning_version": pl.__version__,
         "state_dict": state, "net_config": net_config, "val_metrics": dict(s.val_metrics),
-        "callbacks": callbacks, "loops": None, "optimizer_states": [], "lr_schedulers": [],
-        "batched": True,  # written by the batched launcher: evaluable, not resumable with resume=
+        "callbacks": callbacks, "loops": lightning_loops(epoch, s.steps, *batches),
+        "optimizer_states": [optimizer_state], "lr_schedulers": [],
+        "batched": True,  # written by the batched launcher
     }
 
 
-def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: Any,
-                 seconds: tuple[float, float]) -> list[tuple[dict, Path]]:
+def student_optimizer_state(group_state: dict[str, Any], i: int) -> dict[str, Any]:
+    """Student i's optimizer state_dict, cut from the stacked optimizer's (`optimizer.state_dict()`): its state
+    is elementwise, so each tensor shaped like a stacked parameter is the students' states stacked; 0-dim ones
+    (Adam's step count) are shared by the students that step together."""
+    return {
+        "state": {k: {name: (v[i] if v.dim() else v).detach().clone().cpu() if isinstance(v, Tensor) else v
+                      for name, v in param_state.items()} for k, param_state in group_state["state"].items()},
+        "param_groups": [dict(group) for group in group_state["param_groups"]],
+    }
+
+
+def lightning_loops(epoch: int, steps: int, train_batches: int, val_batches: int) -> dict[str, Any]:
+    """The `loops` entry of the checkpoint that Lightning's fit (automatic optimization, no scheduler, validation
+    every epoch, started from scratch) saves at the end of `epoch` after `steps` optimizer steps: its progress
+    counters, which `resume=` continues from (test_batched.py compares them with a separate run's)."""
+    def progress(total: int, current: int, counters: tuple[str, ...]) -> dict[str, dict[str, int]]:
+        return {"total": dict.fromkeys(counters, total), "current": dict.fromkeys(counters, current)}
+
+    def batches(total: int, current: int, last: bool) -> dict[str, Any]:
+        return {**progress(total, current, ("ready", "completed", "started", "processed")), "is_last_batch": last}
+
+    epochs = {"ready": epoch + 1, "completed": epoch, "started": epoch + 1, "processed": epoch + 1}
+    fit_loop = {
+        "state_dict": {},
+        "epoch_loop.state_dict": {"_batches_that_stepped": steps},
+        "epoch_loop.batch_progress": batches(steps, train_batches, True),
+        "epoch_loop.scheduler_progress": progress(0, 0, ("ready", "completed")),
+        "epoch_loop.automatic_optimization.state_dict": {},
+        "epoch_loop.automatic_optimization.optim_progress": {"optimizer": {
+            "step": progress(steps, train_batches, ("ready", "completed")),
+            "zero_grad": progress(steps, train_batches, ("ready", "completed", "started")),
+        }},
+        "epoch_loop.manual_optimization.state_dict": {},
+        "epoch_loop.manual_optimization.optim_step_progress": progress(0, 0, ("ready", "completed")),
+        "epoch_loop.val_loop.state_dict": {},
+        "epoch_loop.val_loop.batch_progress": batches(val_batches, val_batches, True),
+        "epoch_progress": {"total": epochs, "current": dict(epochs)},
+    }
+    idle = ("ready", "completed", "started", "processed")
+    return {"fit_loop": fit_loop,
+            **{name: {"state_dict": {}, "batch_progress": batches(0, 0, False)} for name in ("validate_loop", "test_loop")},
+            "predict_loop": {"state_dict": {}, "batch_progress": progress(0, 0, idle)}}
+
+
+def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: Any, seconds: tuple[float, float],
+                 optimizer_state: dict[str, Any], batches: tuple[int, int]) -> list[tuple[dict, Path]]:
     """ModelCheckpoint's decisions (strictly better val/loss; every epoch; every n epochs): the checkpoints to
     write atomically, and where."""
     score = torch.tensor(s.val_metrics["val/loss"])
@@ -416,7 +468,7 @@ def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: A
         s.best_state = state
     s.best.current_score = score
     s.last.last_model_path = s.last.best_model_path = str(paths["last"])
-    ckpt = checkpoint(s, epoch, state, net_config, seconds)
+    ckpt = checkpoint(s, epoch, state, net_config, seconds, optimizer_state, batches)
     writes = [(ckpt, paths["best"])] if improved else []
     writes.append((ckpt, paths["last"]))
     if s.periodic is not None and (epoch + 1) % s.periodic._every_n_epochs == 0:
