@@ -61,6 +61,31 @@ def quality_rows(card: str) -> list[str]:
     return [row for row in card.splitlines() if row.startswith("|") and not row.startswith("| checkpoint file")]
 
 
+def callback_states(checkpoint: dict, run_dir: Path) -> dict[str, object]:
+    """The checkpoint's callback states flattened to {"callback/key/...": value}: paths relative to the run dir,
+    tensors as numbers, the Timer's seconds left out (its keys kept)."""
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}".replace(str(run_dir), "<run>"), v)
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value.item()
+        else:
+            flat[prefix] = value.replace(str(run_dir), "<run>") if isinstance(value, str) else value
+
+    walk("", checkpoint["callbacks"])
+    return {k: (None if k.startswith("/Timer/") else v) for k, v in flat.items()}
+
+
+def assert_same_callback_states(batched: dict, batched_dir: Path, alone: dict, alone_dir: Path) -> None:
+    ours, theirs = callback_states(batched, batched_dir), callback_states(alone, alone_dir)
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():  # scores to float32 rounding: a single run's are float32 tensors
+        assert ours[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
+
+
 def scalars(run_dir: Path) -> dict[str, list[float]]:
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     # In the order written: a run's writer is reopened after test(), and the accumulator reads files by name.
@@ -127,7 +152,8 @@ def test_batched_jobs_equal_separate_runs(common: list[str], tmp_path: Path) -> 
             assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"], (i, name)
             for key, tensor in a["state_dict"].items():
                 torch.testing.assert_close(b["state_dict"][key], tensor, rtol=1e-9, atol=1e-12)
-            assert b["loops"] == a["loops"] and b["callbacks"].keys() == a["callbacks"].keys(), (i, name)
+            assert b["loops"] == a["loops"], (i, name)
+            assert_same_callback_states(b, run_batched, a, run_alone)
             (opt_a,), (opt_b,) = a["optimizer_states"], b["optimizer_states"]
             assert opt_b["param_groups"] == opt_a["param_groups"] and opt_b["state"].keys() == opt_a["state"].keys()
             assert checkpoint_lr(b, run_batched) == checkpoint_lr(a, run_alone)  # TracIn's learning rate η
@@ -270,9 +296,11 @@ def test_an_interrupted_group_resumes_where_it_stopped(common: list[str], tmp_pa
         assert {k: v for k, v in one.items() if k not in ("wall_seconds", "seconds_per_epoch", "output_dir", "best_ckpt")} == \
                {k: v for k, v in two.items() if k not in ("wall_seconds", "seconds_per_epoch", "output_dir", "best_ckpt")}
         for name in ("last.ckpt", "best.ckpt", "epoch001.ckpt"):
-            a = load_checkpoint(tmp_path / "once" / str(i) / "checkpoints" / name)["state_dict"]
-            b = load_checkpoint(tmp_path / "twice" / str(i) / "checkpoints" / name)["state_dict"]
-            assert all(torch.equal(a[k], b[k]) for k in a), (i, name)
+            once, twice = tmp_path / "once" / str(i), tmp_path / "twice" / str(i)
+            a, b = (load_checkpoint(run / "checkpoints" / name) for run in (once, twice))
+            assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"]), (i, name)
+            assert a["loops"] == b["loops"], (i, name)
+            assert_same_callback_states(b, twice, a, once)
 
 
 @pytest.mark.slow  # a run alone and a group, in-process

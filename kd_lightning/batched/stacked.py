@@ -276,12 +276,16 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
             for lg in s.logger:  # two records at one step, as Lightning writes them
                 lg.log_metrics({**val[i], "epoch": epoch}, step=s.steps - 1)
                 lg.log_metrics({**means, "epoch": epoch}, step=s.steps - 1)
+            # Lightning's order at the end of validation: early stopping decides (its own rule), and then the
+            # checkpoint callbacks save, with the updated early-stopping state; the fit goes on until min_epochs.
+            if s.early_stopping is not None:
+                should_stop, reason = s.early_stopping._evaluate_stopping_criteria(torch.tensor(val[i]["val/loss"]))
+                if should_stop:  # as EarlyStopping._run_early_stopping_check records it
+                    s.early_stopping.stopped_epoch, s.early_stopping.stopping_reason_message = epoch, reason
+                s.stop_requested |= should_stop
             state = {f"net.{k}": v[i].detach().clone().cpu() for k, v in {**params, **buffers}.items()}
             writes += end_of_epoch(s, epoch, state, net_config, (train_seconds, val_seconds),
                                    student_optimizer_state(group_optimizer_state, i), (n_batches, val_batches))
-            if s.early_stopping is not None:  # Lightning's own rule; the fit goes on until min_epochs
-                should_stop, _ = s.early_stopping._evaluate_stopping_criteria(torch.tensor(val[i]["val/loss"]))
-                s.stop_requested |= should_stop
             if s.stop_requested and epoch + 1 >= int(cfg.trainer.get("min_epochs") or 1):
                 stop(s, params, frozen, i)
 
@@ -311,24 +315,35 @@ def group_state_path(jobs: list[Job]) -> Path:
     return jobs[0].dir.parent / ".batched" / f"{key}.pt"
 
 
+# What a ModelCheckpoint's checkpoint state holds, and current_score, which it does not save but compares with.
+CHECKPOINT_FIELDS = ("best_model_score", "best_model_path", "current_score", "best_k_models", "kth_best_model_path",
+                     "kth_value", "last_model_path")
+
+
+def checkpoint_callbacks(s: Student) -> list[ModelCheckpoint]:
+    return [cb for cb in (s.best, s.last, s.periodic) if cb is not None]
+
+
 def student_state(s: Student) -> dict[str, Any]:
-    return {**{f: getattr(s, f) for f in STUDENT_FIELDS}, "best_model_score": s.best.best_model_score,
+    return {**{f: getattr(s, f) for f in STUDENT_FIELDS},
+            "checkpoints": [{f: getattr(cb, f) for f in CHECKPOINT_FIELDS} for cb in checkpoint_callbacks(s)],
             "early_stopping": s.early_stopping.state_dict() if s.early_stopping is not None else None}
 
 
 def restore_student(s: Student, state: dict[str, Any]) -> None:
     for f in STUDENT_FIELDS:
         setattr(s, f, state[f])
-    if state["best_model_score"] is not None:
-        set_best(s, state["best_model_score"])
-    s.last.last_model_path = s.last.best_model_path = str(Path(s.last.dirpath) / "last.ckpt")
+    for cb, fields in zip(checkpoint_callbacks(s), state["checkpoints"]):
+        for f, value in fields.items():
+            setattr(cb, f, value)
     if s.early_stopping is not None:
         s.early_stopping.load_state_dict(state["early_stopping"])
 
 
 def set_best(s: Student, score: Tensor) -> None:
+    """What the best-checkpoint callback (save_top_k=1) records when the score improves, before it saves."""
     path = str(Path(s.best.dirpath) / "best.ckpt")
-    s.best.best_model_score, s.best.best_model_path = score, path
+    s.best.best_model_score, s.best.best_model_path, s.best.current_score = score, path, score
     s.best.best_k_models = {path: score}
     s.best.kth_best_model_path, s.best.kth_value = path, score
 
@@ -401,7 +416,8 @@ def checkpoint(s: Student, epoch: int, state: dict[str, Tensor], net_config: Any
     that eval.py, tracin.py and `train.py resume=<job dir>` read it as a separate run's. No `rng_states`: a
     batchable run draws no global random numbers (no dropout; its data order has its own generator)."""
     callbacks = {cb.state_key: cb.state_dict() for cb in (s.best, s.last, s.periodic, s.early_stopping) if cb is not None}
-    callbacks["Timer"] = {"time_elapsed": {"train": seconds[0], "validate": seconds[1], "test": 0.0}}
+    callbacks["Timer"] = {"time_elapsed": {"train": seconds[0], "sanity_check": 0, "validate": seconds[1], "test": 0,
+                                           "predict": 0}}
     return {
         "epoch": epoch, "global_step": s.steps, "pytorch-lightning_version": pl.__version__,
         "state_dict": state, "net_config": net_config, "val_metrics": dict(s.val_metrics),
@@ -457,22 +473,25 @@ def lightning_loops(epoch: int, steps: int, train_batches: int, val_batches: int
 
 def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: Any, seconds: tuple[float, float],
                  optimizer_state: dict[str, Any], batches: tuple[int, int]) -> list[tuple[dict, Path]]:
-    """ModelCheckpoint's decisions (strictly better val/loss; every epoch; every n epochs): the checkpoints to
-    write atomically, and where."""
-    score = torch.tensor(s.val_metrics["val/loss"])
-    improved = s.best.best_model_score is None or bool(score < s.best.best_model_score)
+    """Lightning's checkpoint callbacks in their order (best: strictly better val/loss; last: every epoch; periodic:
+    every n epochs): each updates its state and then saves the trainer's checkpoint, which holds every callback's
+    state at that moment. The checkpoints to write atomically, and where."""
+    def save(path: Path) -> tuple[dict, Path]:
+        return checkpoint(s, epoch, state, net_config, seconds, optimizer_state, batches), path
+
     dirpath = Path(s.best.dirpath)
-    paths = {"best": dirpath / "best.ckpt", "last": dirpath / "last.ckpt"}
-    if improved:
+    score = torch.tensor(s.val_metrics["val/loss"])
+    writes = []
+    if s.best.best_model_score is None or bool(score < s.best.best_model_score):
         set_best(s, score)
         s.best_state = state
-    s.best.current_score = score
-    s.last.last_model_path = s.last.best_model_path = str(paths["last"])
-    ckpt = checkpoint(s, epoch, state, net_config, seconds, optimizer_state, batches)
-    writes = [(ckpt, paths["best"])] if improved else []
-    writes.append((ckpt, paths["last"]))
+        writes.append(save(dirpath / "best.ckpt"))
+    s.last.best_model_path = str(dirpath / "last.ckpt")
+    writes.append(save(dirpath / "last.ckpt"))
     if s.periodic is not None and (epoch + 1) % s.periodic._every_n_epochs == 0:
-        writes.append((ckpt, Path(s.periodic.dirpath) / f"{s.periodic.filename.format(epoch=epoch)}.ckpt"))
+        path = Path(s.periodic.dirpath) / f"{s.periodic.filename.format(epoch=epoch)}.ckpt"
+        s.periodic.best_model_path = str(path)
+        writes.append(save(path))
     return writes
 
 
