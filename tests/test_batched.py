@@ -119,9 +119,11 @@ def test_the_stacked_forward_and_kd_term_are_each_students_own() -> None:
 
 
 @pytest.mark.slow  # several full runs in-process
-def test_batched_jobs_equal_separate_runs(common: list[str], tmp_path: Path) -> None:
-    alone = [train(config(common, o, tmp_path / "alone" / str(i))) for i, o in enumerate(JOBS)]
-    jobs = [Job(config(common, o, tmp_path / "batched" / str(i)), o) for i, o in enumerate(JOBS)]
+@pytest.mark.parametrize("cached", ["true", "false"])  # the teacher's logits cached, or the teacher run every batch
+def test_batched_jobs_equal_separate_runs(common: list[str], tmp_path: Path, cached: str) -> None:
+    job_overrides = [[*o, f"distill.cache_teacher_logits={cached}"] for o in JOBS]
+    alone = [train(config(common, o, tmp_path / "alone" / str(i))) for i, o in enumerate(job_overrides)]
+    jobs = [Job(config(common, o, tmp_path / "batched" / str(i)), o) for i, o in enumerate(job_overrides)]
     assert len({group_key(j.cfg) for j in jobs}) == 1 and not_batchable(jobs[0].cfg) is None
     batched = run_group(jobs)
 
@@ -168,7 +170,7 @@ def test_batched_jobs_equal_separate_runs(common: list[str], tmp_path: Path) -> 
     resumed = []
     for run in (tmp_path / "alone" / str(full), tmp_path / "batched" / str(full)):
         (run / ".hydra").mkdir(exist_ok=True)  # as Hydra records a run; resume= reads it
-        OmegaConf.save(config(common, JOBS[full], run), run / ".hydra" / "config.yaml")
+        OmegaConf.save(config(common, job_overrides[full], run), run / ".hydra" / "config.yaml")
         resumed.append(train(resume_config(run, [f"trainer.max_epochs={EPOCHS + 2}"])))
     assert resumed[0]["epochs"] > EPOCHS and resumed[1]["epochs"] == resumed[0]["epochs"]
     for key, value in resumed[0].items():
@@ -234,29 +236,29 @@ def test_grouping_and_fallback_reasons(common: list[str], tmp_path: Path) -> Non
     base = config(common, JOBS[0], tmp_path / "a")
     assert group_key(base) == group_key(config(common, JOBS[1], tmp_path / "b"))  # seed, group, T, alpha
     assert group_key(base) != group_key(config(common, [*JOBS[0], "data.batch_size=64"], tmp_path / "c"))
-    assert not_batchable(config(common, ["distill.cache_teacher_logits=false"], tmp_path)) == "distill.cache_teacher_logits=false"
+    assert not_batchable(config(common, ["distill.cache_teacher_logits=false"], tmp_path)) is None  # teacher online
     assert not_batchable(config(common, ["model=mnist_cnn"], tmp_path)) == "the model is not an MLP without dropout"
     assert not_batchable(config(common, ["+trainer.gradient_clip_val=1.0"], tmp_path)) == "trainer.gradient_clip_val=1.0"
 
 
 @pytest.mark.slow
 def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path: Path) -> None:
-    """`python train.py -m ... hydra/launcher=batched`: batchable jobs train together, the others (no logit
-    cache) the ordinary way; every job dir as the basic launcher writes it, and the sweep report."""
+    """`python train.py -m ... hydra/launcher=batched`: batchable jobs train together, the others (a CNN
+    student) the ordinary way; every job dir as the basic launcher writes it, and the sweep report."""
     from helpers import run_script
 
     sweep = tmp_path / "sweep"
     overrides = [o for o in common if not o.startswith("+trainer.precision")]
     proc = run_script("train.py", "-m", *overrides, "trainer.max_epochs=2", "hydra/launcher=batched",
-                      f"hydra.sweep.dir={sweep}", "distill.T=2,4", "distill.cache_teacher_logits=true,false")
+                      f"hydra.sweep.dir={sweep}", "distill.T=2,4", "model=mlp_784_16_10,mnist_cnn")
     assert "Training jobs [0, 2] together" in proc.stdout + proc.stderr
-    assert "Jobs [1, 3] run one by one (distill.cache_teacher_logits=false)" in proc.stdout + proc.stderr
+    assert "Jobs [1, 3] run one by one (the model is not an MLP without dropout)" in proc.stdout + proc.stderr
     for job in range(4):
         d = sweep / str(job)
         assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= {p.name for p in (d / ".hydra").iterdir()}
         job_cfg = OmegaConf.load(d / ".hydra" / "config.yaml")  # its own config (the launcher reuses the checked ones)
         assert OmegaConf.load(d / ".hydra" / "overrides.yaml")[-2:] == [f"distill.T={job_cfg.distill.T}",
-               f"distill.cache_teacher_logits={job_cfg.distill.cache_teacher_logits}"]
+               f"model={'mlp_784_16_10' if job_cfg.model._target_.endswith('MLP') else 'mnist_cnn'}"]
         metrics = json.loads((d / "metrics.json").read_text())
         assert metrics["epochs"] == 2 and metrics["output_dir"] == str(d)
         assert {"best.ckpt", "last.ckpt", "epoch001.ckpt"} <= {p.name for p in (d / "checkpoints").iterdir()}

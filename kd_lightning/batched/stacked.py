@@ -8,6 +8,7 @@ Each student gets what a run of train.py gives it, computed the same way:
 - its data order: the TensorLoader permutation of its own seed and the epoch;
 - its loss: every group is `lerp(hard, soft, w)` with w = alpha (hard_soft), 1 (soft) or 0 (hard): exactly the
   group's loss, so one stacked computation serves a mix of groups. The teacher's cached logits are shared;
+  without the cache the teacher runs once per training batch for all the students that share the batch;
 - its optimizer: one optimizer over the stacked parameters. Adam (and every torch optimizer without
   cross-parameter terms) is elementwise, so the stacked step is each student's own step;
 - its callbacks, per student: best/last/every-n-epoch checkpoints (Lightning's layout and callback states),
@@ -40,9 +41,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.func import stack_module_state
 
-from kd_lightning.card import write_card
+from kd_lightning.card import test_logits, write_card
 from kd_lightning.checkpoints import atomic_torch_save, load_net
-from kd_lightning.losses import stacked_cross_entropy, stacked_kd_term
+from kd_lightning.losses import soft_targets, stacked_cross_entropy, stacked_kd_term
 from kd_lightning.models.stats import count_params
 from kd_lightning.summary import hp_metrics_of, hparams_of
 from kd_lightning.sweeps import write_json
@@ -154,11 +155,17 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
     datamodule = prepare_data(cfg)
     teacher_ckpt = ensure_teacher(cfg, datamodule)  # the same teacher for the group: not a batched key
     teacher = load_net(teacher_ckpt, compose_teacher_config(cfg).model)
-    logits = {split: t.to(device) for split, t in
-              cached_teacher_logits(teacher_ckpt, teacher, datamodule, Path(cfg.paths.cache_dir)).items()}
-    train_logits = logits.pop("train")  # float32: a single run computes its soft targets from it in float32
-    card_teacher_logits = logits["test"].cpu()  # float32, as the model card reads them
-    logits = {split: t.to(dtype) for split, t in logits.items()}
+    online = not cfg.distill.cache_teacher_logits  # the teacher runs on every training batch, as in a single run
+    if online:
+        card_teacher_logits = test_logits(teacher, datamodule)[0]  # float32, as the model card computes them
+        teacher = teacher.to(device, dtype)  # as Lightning casts the whole module (64-true)
+        logits = {split: split_logits(teacher, datamodule, split, autocast) for split in ("val", "test")}
+    else:
+        logits = {split: t.to(device) for split, t in
+                  cached_teacher_logits(teacher_ckpt, teacher, datamodule, Path(cfg.paths.cache_dir)).items()}
+        train_logits = logits.pop("train")  # float32: a single run computes its soft targets from it in float32
+        card_teacher_logits = logits["test"].cpu()  # float32, as the model card reads them
+        logits = {split: t.to(dtype) for split, t in logits.items()}
 
     nets = []
     for job in jobs:  # as build() does: seed, then construct
@@ -175,8 +182,9 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
     students = [make_student(job) for job in jobs]
     # Each T's soft targets for the whole training split, once, in float32 as a single run computes them.
     temperatures = sorted(set(T.tolist()))
-    soft_targets = torch.stack([F.log_softmax(train_logits / t, dim=-1) for t in temperatures]).to(dtype)
     student_T = torch.tensor([temperatures.index(t) for t in T.tolist()], device=device)[:, None]
+    if not online:
+        train_targets = torch.stack([soft_targets(train_logits, t) for t in temperatures]).to(dtype)
     # Students with the same data seed see the same batches: each batch is gathered once per data seed.
     data_seeds = sorted({int(j.cfg.data.seed) for j in jobs})
     student_order = torch.tensor([data_seeds.index(int(j.cfg.data.seed)) for j in jobs], device=device)
@@ -223,7 +231,8 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
         active_mask, frozen_rows = frozen_students(active, frozen, device)
         for b in range(n_batches):
             batch = orders[:, b * batch_size:(b + 1) * batch_size]  # [data seeds, batch]
-            x = datamodule.normalize(images[batch.flatten()]).to(dtype).flatten(1).unflatten(0, batch.shape)
+            pixels = datamodule.normalize(images[batch.flatten()]).to(dtype)  # [data seeds * batch, 1, 28, 28]
+            x = pixels.flatten(1).unflatten(0, batch.shape)
             # one batch for all: [batch, features], the first layers of all students in one matrix product
             x = x[0] if len(data_seeds) == 1 else x[student_order]
             idx = batch[student_order]  # [students, batch]
@@ -231,7 +240,14 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
             with autocast():
                 student_logits = stacked_mlp(layers, x)
                 hard = stacked_cross_entropy(student_logits, labels[idx])
-                soft = stacked_kd_term(student_logits, soft_targets[student_T, idx], T)
+                if online:  # the teacher once per data seed's batch, for all the students that share it
+                    with torch.no_grad():
+                        seed_logits = teacher(pixels).unflatten(0, batch.shape)  # [data seeds, batch, classes]
+                    targets = torch.stack([soft_targets(seed_logits, t) for t in temperatures])[
+                        student_T[:, 0], student_order]
+                else:
+                    targets = train_targets[student_T, idx]
+                soft = stacked_kd_term(student_logits, targets, T)
                 terms = torch.stack([torch.lerp(hard, soft, weight), hard, soft], dim=1)  # [students, 3]
             finite = torch.isfinite(terms[:, 0])
             if not bool(finite[active_mask].all()):  # one host sync a step, as a single run's check
@@ -378,6 +394,17 @@ def log_step_terms(s: Student, terms: Tensor, epoch: int) -> None:
     values = {f"train/{n}_step": float(terms[k]) for k, n in enumerate(("loss", "hard_loss", "soft_loss")) if n in names}
     for lg in s.logger:
         lg.log_metrics({**values, "epoch": epoch}, step=s.steps - 1)
+
+
+@torch.no_grad()
+def split_logits(net: torch.nn.Module, datamodule: Any, split: str, autocast: Any) -> Tensor:
+    """`net`'s outputs on a whole split in dataset order, as a run computes them batch by batch (in its
+    precision: the net's dtype, under the run's autocast)."""
+    outputs = []
+    for x, _, _ in datamodule.eval_loader(split):
+        with autocast():
+            outputs.append(net(x.to(next(net.parameters()).device, next(net.parameters()).dtype)))
+    return torch.cat(outputs)
 
 
 @torch.no_grad()
