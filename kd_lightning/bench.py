@@ -236,6 +236,9 @@ def main() -> None:
                              "when full MNIST is absent)")
     parser.add_argument("--sweep", action="store_true",
                         help="time sweep=t_alpha with the basic and the batched launcher, and the default run")
+    parser.add_argument("--teacher-online", action="store_true",
+                        help="with --sweep: the sweep with distill.cache_teacher_logits=false (the teacher runs on "
+                             "every training batch) instead of cached teacher logits")
     parser.add_argument("--only", default=None, help=f"comma-separated configurations to run, of: {', '.join(NAMES)}")
     args = parser.parse_args()
     steps, teacher_steps = args.samples // BATCH, args.teacher_samples // BATCH
@@ -300,7 +303,10 @@ def main() -> None:
         }
         if args.sweep:  # the sweep as a user runs it: its own process, its dirs in tmp, the teacher's logits cached
             sweep_overrides = [*common, "model=mlp_784_16_10"]
-            warm_teacher_logit_cache(sweep_overrides)
+            if args.teacher_online:
+                sweep_overrides.append("distill.cache_teacher_logits=false")
+            else:
+                warm_teacher_logit_cache(sweep_overrides)
             sweeps = iter(range(1_000_000))
             for launcher in ("basic", "batched"):
                 configurations[f"sweep_{launcher}"] = lambda launcher=launcher: 25 * 3600 / sweep_seconds(
@@ -319,12 +325,15 @@ def main() -> None:
     if "sweep_basic" in results and "sweep_batched" in results:
         data = "full-size fake MNIST" if args.full_size else (f"MNIST from {args.data_dir}" if args.data_dir else
                                                                "MNIST in data/, else the 5k sample")
-        print(f"\npython train.py sweep=t_alpha (25 jobs, teacher logits cached, {data}), jobs per hour, best of "
+        teacher = "teacher run on every batch" if args.teacher_online else "teacher logits cached"
+        print(f"\npython train.py sweep=t_alpha (25 jobs, {teacher}, {data}), jobs per hour, best of "
               f"{args.repeats}: basic launcher {results['sweep_basic']:,.0f} ({', '.join(f'{v:,.0f}' for v in runs['sweep_basic'])}), "
               f"batched launcher {results['sweep_batched']:,.0f} ({', '.join(f'{v:,.0f}' for v in runs['sweep_batched'])})")
         print(f"speed-up batched / basic launcher (target >= 10x on a 2-core CPU): "
               f"{results['sweep_batched'] / results['sweep_basic']:.1f}x")
         results = {k: v for k, v in results.items() if not k.startswith("sweep_")}
+    if not results:  # --only sweep_basic,sweep_batched
+        return
     print(f"\nTraining throughput on {args.device} ({torch.get_num_threads()} threads), data: {data_name}, batch {BATCH}, "
           f"student {args.student}")
     if {"soft", "default_live", "default_log"} & set(results):
