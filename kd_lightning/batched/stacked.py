@@ -41,6 +41,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.func import stack_module_state
 
+from kd_lightning.batched.checkpoint_layout import checkpoint, student_optimizer_state
 from kd_lightning.card import test_logits, write_card
 from kd_lightning.checkpoints import atomic_torch_save, load_net
 from kd_lightning.losses import soft_targets, stacked_cross_entropy, stacked_kd_term
@@ -434,68 +435,6 @@ def evaluate(layers: list[tuple[Tensor, Tensor]], datamodule: Any, split: str, t
     means = (totals / n).float()
     return [{f"{split}/loss": float(m[0]), f"{split}/acc": float(m[1]), f"{split}/soft_loss": float(m[2]),
              f"{split}/agreement": float(m[3]), f"{split}/teacher_acc": float(m[4])} for m in means]
-
-
-def checkpoint(s: Student, epoch: int, state: dict[str, Tensor], net_config: Any, seconds: tuple[float, float],
-               optimizer_state: dict[str, Any], batches: tuple[int, int]) -> dict:
-    """The checkpoint a Lightning fit of DistillModule writes at the end of `epoch`: weights, callback states,
-    the student's optimizer state, the loop counters (`batches`: training and validation batches an epoch), so
-    that eval.py, tracin.py and `train.py resume=<job dir>` read it as a separate run's. No `rng_states`: a
-    batchable run draws no global random numbers (no dropout; its data order has its own generator)."""
-    callbacks = {cb.state_key: cb.state_dict() for cb in (s.best, s.last, s.periodic, s.early_stopping) if cb is not None}
-    callbacks["Timer"] = {"time_elapsed": {"train": seconds[0], "sanity_check": 0, "validate": seconds[1], "test": 0,
-                                           "predict": 0}}
-    return {
-        "epoch": epoch, "global_step": s.steps, "pytorch-lightning_version": pl.__version__,
-        "state_dict": state, "net_config": net_config, "val_metrics": dict(s.val_metrics),
-        "callbacks": callbacks, "loops": lightning_loops(epoch, s.steps, *batches),
-        "optimizer_states": [optimizer_state], "lr_schedulers": [],
-        "batched": True,  # written by the batched launcher
-    }
-
-
-def student_optimizer_state(group_state: dict[str, Any], i: int) -> dict[str, Any]:
-    """Student i's optimizer state_dict, cut from the stacked optimizer's (`optimizer.state_dict()`): its state
-    is elementwise, so each tensor shaped like a stacked parameter is the students' states stacked; 0-dim ones
-    (Adam's step count) are shared by the students that step together."""
-    return {
-        "state": {k: {name: (v[i] if v.dim() else v).detach().clone().cpu() if isinstance(v, Tensor) else v
-                      for name, v in param_state.items()} for k, param_state in group_state["state"].items()},
-        "param_groups": [dict(group) for group in group_state["param_groups"]],
-    }
-
-
-def lightning_loops(epoch: int, steps: int, train_batches: int, val_batches: int) -> dict[str, Any]:
-    """The `loops` entry of the checkpoint that Lightning's fit (automatic optimization, no scheduler, validation
-    every epoch, started from scratch) saves at the end of `epoch` after `steps` optimizer steps: its progress
-    counters, which `resume=` continues from (test_batched.py compares them with a separate run's)."""
-    def progress(total: int, current: int, counters: tuple[str, ...]) -> dict[str, dict[str, int]]:
-        return {"total": dict.fromkeys(counters, total), "current": dict.fromkeys(counters, current)}
-
-    def batches(total: int, current: int, last: bool) -> dict[str, Any]:
-        return {**progress(total, current, ("ready", "completed", "started", "processed")), "is_last_batch": last}
-
-    epochs = {"ready": epoch + 1, "completed": epoch, "started": epoch + 1, "processed": epoch + 1}
-    fit_loop = {
-        "state_dict": {},
-        "epoch_loop.state_dict": {"_batches_that_stepped": steps},
-        "epoch_loop.batch_progress": batches(steps, train_batches, True),
-        "epoch_loop.scheduler_progress": progress(0, 0, ("ready", "completed")),
-        "epoch_loop.automatic_optimization.state_dict": {},
-        "epoch_loop.automatic_optimization.optim_progress": {"optimizer": {
-            "step": progress(steps, train_batches, ("ready", "completed")),
-            "zero_grad": progress(steps, train_batches, ("ready", "completed", "started")),
-        }},
-        "epoch_loop.manual_optimization.state_dict": {},
-        "epoch_loop.manual_optimization.optim_step_progress": progress(0, 0, ("ready", "completed")),
-        "epoch_loop.val_loop.state_dict": {},
-        "epoch_loop.val_loop.batch_progress": batches(val_batches, val_batches, True),
-        "epoch_progress": {"total": epochs, "current": dict(epochs)},
-    }
-    idle = ("ready", "completed", "started", "processed")
-    return {"fit_loop": fit_loop,
-            **{name: {"state_dict": {}, "batch_progress": batches(0, 0, False)} for name in ("validate_loop", "test_loop")},
-            "predict_loop": {"state_dict": {}, "batch_progress": progress(0, 0, idle)}}
 
 
 def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: Any, seconds: tuple[float, float],
