@@ -398,7 +398,7 @@ def markdown(card: dict[str, Any]) -> str:
         "ONNX file: the net exported by `python -m kd_lightning.export` and verified. Latency: "
         "torch.utils.benchmark's blocked_autorange on the PyTorch net (inference mode), median and interquartile "
         "range over its measurements; speed-up = teacher median / student median. card.png: reliability "
-        "diagrams, confusion matrices, accuracy vs latency.",
+        "diagrams, confusion matrices, accuracy vs latency, per-class accuracy.",
         "",
     ]
     return "\n".join(lines)
