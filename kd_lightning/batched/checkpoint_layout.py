@@ -5,28 +5,28 @@ optimizer's state and Lightning's loop counters. With them eval.py, tracin.py (i
 every field with a separate run's checkpoints.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-if TYPE_CHECKING:  # stacked.py imports this module
-    from kd_lightning.batched.stacked import Student
 
-
-def checkpoint(s: "Student", epoch: int, state: dict[str, Tensor], net_config: Any, seconds: tuple[float, float],
-               optimizer_state: dict[str, Any], batches: tuple[int, int]) -> dict:
-    """The checkpoint a Lightning fit of DistillModule writes at the end of `epoch`: weights, callback states,
-    the student's optimizer state, the loop counters (`batches`: training and validation batches an epoch), so
-    that eval.py, tracin.py and `train.py resume=<job dir>` read it as a separate run's. No `rng_states`: a
-    batchable run draws no global random numbers (no dropout; its data order has its own generator)."""
-    callbacks = {cb.state_key: cb.state_dict() for cb in (s.best, s.last, s.periodic, s.early_stopping) if cb is not None}
-    callbacks["Timer"] = {"time_elapsed": {"train": seconds[0], "sanity_check": 0, "validate": seconds[1], "test": 0,
-                                           "predict": 0}}
+def checkpoint(callbacks: list[Callback | None], epoch: int, steps: int, state: dict[str, Tensor], net_config: Any,
+               val_metrics: dict[str, float], seconds: tuple[float, float], optimizer_state: dict[str, Any],
+               batches: tuple[int, int]) -> dict:
+    """The checkpoint a Lightning fit of DistillModule writes at the end of `epoch` after `steps` optimizer steps:
+    weights, the states of the student's `callbacks` (None: absent) as they are now, the student's optimizer state,
+    the loop counters (`batches`: training and validation batches an epoch), so that eval.py, tracin.py and
+    `train.py resume=<job dir>` read it as a separate run's. No `rng_states`: a batchable run draws no global
+    random numbers (no dropout; its data order has its own generator)."""
+    states = {cb.state_key: cb.state_dict() for cb in callbacks if cb is not None}
+    elapsed = {"train": seconds[0], "sanity_check": 0, "validate": seconds[1], "test": 0, "predict": 0}
+    states["Timer"] = {"time_elapsed": elapsed}
     return {
-        "epoch": epoch, "global_step": s.steps, "pytorch-lightning_version": pl.__version__,
-        "state_dict": state, "net_config": net_config, "val_metrics": dict(s.val_metrics),
-        "callbacks": callbacks, "loops": lightning_loops(epoch, s.steps, *batches),
+        "epoch": epoch, "global_step": steps, "pytorch-lightning_version": pl.__version__,
+        "state_dict": state, "net_config": net_config, "val_metrics": dict(val_metrics),
+        "callbacks": states, "loops": lightning_loops(epoch, steps, *batches),
         "optimizer_states": [optimizer_state], "lr_schedulers": [],
         "batched": True,  # written by the batched launcher
     }

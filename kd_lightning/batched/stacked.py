@@ -443,7 +443,8 @@ def end_of_epoch(s: Student, epoch: int, state: dict[str, Tensor], net_config: A
     every n epochs): each updates its state and then saves the trainer's checkpoint, which holds every callback's
     state at that moment. The checkpoints to write atomically, and where."""
     def save(path: Path) -> tuple[dict, Path]:
-        return checkpoint(s, epoch, state, net_config, seconds, optimizer_state, batches), path
+        return checkpoint([s.best, s.last, s.periodic, s.early_stopping], epoch, s.steps, state, net_config,
+                          s.val_metrics, seconds, optimizer_state, batches), path
 
     dirpath = Path(s.best.dirpath)
     score = torch.tensor(s.val_metrics["val/loss"])
