@@ -35,6 +35,7 @@ PLACEHOLDERS = {  # what a user would type for each placeholder; paths need not 
     "<dir>": "logs/train/runs/x",
     "<copy>": "logs/train/runs/x",
     "<yours>": "gpu",
+    "<name>": "cifar10-soft-1",
     "<model config>": "mlp_784_16_10",
     "<net>": "resnet8x4",
     "<pair>": "resnet32x4_resnet8x4",
