@@ -260,13 +260,15 @@ def test_eval_errors_are_one_line(tmp_path: Path) -> None:
         net = instantiate(net_config)
         torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "net_config": net_config},
                    ckpt)
-        with pytest.raises(CheckpointError, match=f"^{ckpt} holds a MLP {expected}.*: evaluate it on the data"):
+        with pytest.raises(CheckpointError, match=f"^{ckpt} holds a MLP {expected}.*: evaluate it on the data") as err:
             evaluate(eval_config(tmp_path, f"ckpt_path={ckpt}"))
+        assert "\n" not in str(err.value)
 
     torch.save({"state_dict": {f"net.{k}": v for k, v in MLP([8]).state_dict().items()},
                 "net_config": {"_target_": "kd_lightning.models.MLP", "hidden": [8]}}, ckpt)
-    with pytest.raises(DataError, match=r"^mnist not found in .*data/MNIST/raw \(download disabled"):
+    with pytest.raises(DataError, match=r"^mnist not found in .*data/MNIST/raw \(download disabled") as err:
         evaluate(eval_config(tmp_path, f"ckpt_path={ckpt}", "data.offline_fallback=false"))
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow
