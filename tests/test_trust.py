@@ -168,11 +168,16 @@ def test_checkpoints_are_written_atomically_in_their_own_dir(tmp_path: Path, mon
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
 
 
-def test_every_train_py_trainer_writes_checkpoints_atomically(tmp_path: Path) -> None:
-    for trainer_config in ("default", "ddp_cpu"):
-        cfg = compose_train_config([f"trainer={trainer_config}", f"paths.output_dir={tmp_path}"])
-        trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
-        assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO), trainer_config
+@pytest.mark.parametrize("trainer_config", sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml")))
+def test_every_train_py_trainer_writes_checkpoints_atomically(tmp_path: Path, trainer_config: str) -> None:
+    """Every trainer config (ddp_spawn and ddp_cpu list their plugins by hand, replacing default.yaml's list),
+    instantiated as Lightning builds it; GPU configs on the CPU here, with the rest of their settings."""
+    cfg = compose_train_config([f"trainer={trainer_config}", f"paths.output_dir={tmp_path}"])
+    targets = [plugin["_target_"] for plugin in cfg.trainer.get("plugins") or []]
+    assert "kd_lightning.checkpoints.AtomicCheckpointIO" in targets, trainer_config
+    on_cpu = {"accelerator": "cpu", "precision": "32-true", "devices": 2} if cfg.trainer.accelerator != "cpu" else {}
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False, **on_cpu)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO), trainer_config
 
 
 def test_cache_files_get_the_umask_mode_not_0600(tmp_path: Path) -> None:
