@@ -107,3 +107,23 @@ def test_tensor_loader_shards_across_ranks() -> None:
     ]
     assert all(len(s) == 4 for s in shards)  # 10 padded to 12 by repetition, 4 per rank
     assert set(torch.cat(shards).tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize("n", [7, 10, 1001])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_uneven_evaluation_shards_cover_every_example_once(n: int, world_size: int) -> None:
+    """Evaluation shards (even_shards=False) over the ranks hold each example exactly once, even when n does not
+    divide; training shards (even_shards=True) are padded to the same number of batches on every rank."""
+    from kd_lightning.data.loader import TensorLoader
+
+    images, labels = torch.zeros(n, 2, dtype=torch.uint8), torch.arange(n)
+    seen, batches = [], []
+    for rank in range(world_size):
+        shard = TensorLoader(images, labels, 4, lambda x: x.float(), rank=rank, world_size=world_size,
+                             even_shards=False)
+        seen += [i for _, _, idx in shard for i in idx.tolist()]
+        train = TensorLoader(images, labels, 4, lambda x: x.float(), shuffle=True, rank=rank,
+                             world_size=world_size, even_shards=True)
+        batches.append(len(list(train)))
+    assert sorted(seen) == list(range(n))
+    assert len(set(batches)) == 1

@@ -5,13 +5,17 @@ from pathlib import Path
 
 import pytest
 
+from fake_data import write_mnist
 from helpers import run_script
 
 pytestmark = pytest.mark.slow  # DDP, through train.py
 
 
 def test_ddp_cpu_run_inside_a_multirun(tmp_path: Path, offline_overrides: list[str]) -> None:
+    """On MNIST files whose splits do not divide over 2 ranks (train 801, val 200, test 333): evaluation
+    shards differ by one example, and the gathered test metrics still count every example once."""
     sweep, probe_dir = tmp_path / "sweep", tmp_path / "probe"
+    write_mnist(tmp_path / "data", n_train=1001, n_test=333)
     run_script("train.py", "-m", "experiment=soft", "trainer=ddp_cpu", "seed=1", "trainer.max_epochs=2",
                "+trainer.limit_train_batches=10",
                "teacher.overrides=['trainer.max_epochs=1','+trainer.limit_train_batches=10']",
@@ -19,7 +23,7 @@ def test_ddp_cpu_run_inside_a_multirun(tmp_path: Path, offline_overrides: list[s
                "+callbacks.probe._target_=probes.TeacherProbe", f"+callbacks.probe.out_dir={probe_dir}", timeout=900)
     run_dir = sweep / "0"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == 2
+    assert metrics["epochs"] == 2 and metrics["data_source"] == "mnist"
     # Both ranks trained against the same frozen teacher, never in train mode.
     reports = [(probe_dir / f"rank{r}.txt").read_text().split() for r in (0, 1)]
     assert reports[0] == reports[1] and reports[0][1] == "False"
