@@ -335,7 +335,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append("A value in parentheses is recorded but does not act on that row's training loss.")
     for r in not_done:
         lines.append(f"- job {r['job']} {r['status']}: {r.get('error') or 'no result yet'} ({r['dir']})")
-    if cards := [f"[job {r['job']}](./{quote(r['card'])})" for r in rows if r.get("card")]:
+    if cards := [f"[job {r['job']}](./{quote(r['card'], safe='/:+@')})" for r in rows if r.get("card")]:
         lines.append("")
         lines.append("Model cards (teacher vs student): " + " · ".join(cards))
     return "\n".join(lines) + "\n"
