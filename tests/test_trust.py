@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import ROOT, run_script
+from helpers import ROOT, job_dir, run_script
 from kd_lightning.checkpoints import AtomicCheckpointIO, atomic_torch_save, intact_checkpoint
 from kd_lightning.config import CONF_DIR, compose_train_config
 from kd_lightning.errors import CheckpointError, ConfigError, DataError, Interrupted
@@ -334,17 +334,17 @@ def test_sweep_rerun_with_other_values_and_failed_jobs(tmp_path: Path) -> None:
     common = ["-m", "experiment=soft", *TINY, f"paths.log_dir={tmp_path / 'logs'}", *OFFLINE,
               f"hydra.sweep.dir={sweep}"]
     first = run_script("train.py", *common, "distill.T=2,0,4", expect_rc=1)  # T=0 fails: the sweep exits 1
-    assert f"1 job(s) of the sweep failed; their errors: {sweep}/1/failed.json" in first.stdout + first.stderr
-    assert "distill.T=0 is not accepted" in json.loads((sweep / "1" / "failed.json").read_text())["error"]
+    assert f"1 job(s) of the sweep failed; their errors: {job_dir(sweep, 1)}/failed.json" in first.stdout + first.stderr
+    assert "distill.T=0 is not accepted" in json.loads((job_dir(sweep, 1) / "failed.json").read_text())["error"]
     report = (sweep / "results.md").read_text()  # the report was written before the exit
     assert "2 of 3 jobs done" in report and "- job 1 failed: ConfigError: distill.T=0" in report
 
     rerun = run_script("train.py", *common, "distill.T=8", expect_rc=2)
     assert "use a new hydra.sweep.dir" in rerun.stdout + rerun.stderr
-    assert yaml.safe_load((sweep / "0" / ".hydra" / "config.yaml").read_text())["distill"]["T"] == 2
+    assert yaml.safe_load((job_dir(sweep, 0) / ".hydra" / "config.yaml").read_text())["distill"]["T"] == 2
     rows = {r["job"]: r for r in load_results(sweep)}
     assert (rows[0]["T"], rows[2]["T"]) == (2.0, 4.0)
-    assert rows[0]["test_acc"] == json.loads((sweep / "0" / "metrics.json").read_text())["test/acc"]
+    assert rows[0]["test_acc"] == json.loads((job_dir(sweep, 0) / "metrics.json").read_text())["test/acc"]
 
 
 @pytest.mark.slow
