@@ -188,7 +188,7 @@ def test_refused_resume_is_one_line_on_the_command_line(soft_run: Path, tmp_path
                                                   "trained with data=mnist;"),
                            ("distill.T=8", "distill.T=8 is not accepted with resume=: the run was trained with "
                                            "distill.T=2.0.")):
-        proc = run_script("train.py", f"resume={run}", override, expect_rc=2)
+        proc = run_script("train.py", f"resume={hydra_value(str(run))}", override, expect_rc=2)
         output = proc.stdout + proc.stderr
         assert line in output and "Traceback" not in output and "Error executing job" not in output
         assert len([ln for ln in output.splitlines() if "not accepted" in ln]) == 1
