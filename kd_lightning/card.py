@@ -55,6 +55,7 @@ from kd_lightning.drawing import (
 )
 from kd_lightning.errors import InputError, exit_on_error
 from kd_lightning.models.stats import mult_adds
+from kd_lightning.run_dir import resolve_recorded, teacher_ckpts_of
 from kd_lightning.teacher import _logit_cache_problem, file_sha256
 from kd_lightning.tensorboard_figures import confusion_image
 
@@ -203,16 +204,21 @@ def commands(run_dir: Path, cfg: DictConfig, teacher_run: Path | None) -> dict[s
 
 
 def find_teacher(run_dir: Path, metrics: dict[str, Any]) -> tuple[Path, Path | None]:
-    """The teacher checkpoint named by the student's metrics.json and its run dir (None if not found)."""
+    """The teacher checkpoint named by the student's metrics.json (checked against its recorded sha256) and its run
+    dir (None if not found)."""
     from kd_lightning.influence.cli import teacher_run_of  # as tracin.py finds it
 
-    if not metrics.get("teacher_ckpt"):
+    teachers = teacher_ckpts_of(run_dir, metrics)
+    if not teachers:
         raise InputError(f"student_run={run_dir} names no teacher (no teacher_ckpt in its metrics.json): "
                          "pass a distillation run dir")
+    if len(teachers) > 1:
+        raise InputError(f"student_run={run_dir} was distilled from {len(teachers)} teachers (multi_teacher): "
+                         "multi-teacher cards are not supported; the card compares one teacher with its student")
     try:
-        return Path(metrics["teacher_ckpt"]), teacher_run_of(run_dir)
+        return teachers[0], teacher_run_of(run_dir)
     except InputError:
-        return Path(metrics["teacher_ckpt"]), None
+        return teachers[0], None
 
 
 # ---- the card ---------------------------------------------------------------------------------------------
@@ -256,7 +262,7 @@ def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bo
         raise InputError(f"student_run={run_dir} has no metrics.json: pass the dir of a finished train.py run")
     metrics = json.loads(metrics_path.read_text())
     teacher_ckpt, teacher_run = find_teacher(run_dir, metrics)
-    student_ckpt = Path(metrics["best_ckpt"])
+    student_ckpt = resolve_recorded(run_dir, metrics["best_ckpt"], metrics.get("output_dir"))  # this dir's own
     if datamodule is None:
         datamodule = instantiate(cfg.data)
         datamodule.prepare_data()

@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint
 from kd_lightning.errors import Interrupted
 from kd_lightning.launch import is_first_rank
+from kd_lightning.run_dir import run_record
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]
         return None
     if is_first_rank():
         failure.unlink(missing_ok=True)
-    write_json(metrics_file, {**result, "overrides": overrides, "config": settings})
+    write_json(metrics_file, {**run_record(result), "overrides": overrides, "config": settings})
     return result.get(cfg.optimized_metric)
 
 

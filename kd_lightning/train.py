@@ -18,7 +18,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
@@ -31,10 +30,16 @@ from kd_lightning.errors import ConfigError, Interrupted, exit_on_error
 from kd_lightning.launch import is_first_rank, wait_for_file
 from kd_lightning.methods import check_method, get_method
 from kd_lightning.models.stats import count_params
-from kd_lightning.run_dir import resume_dir_error
+from kd_lightning.run_dir import (
+    apply_resume_changes,
+    record_resume_changes,
+    recorded_resume_changes,
+    resume_dir_error,
+    run_record,
+)
 from kd_lightning.summary import hp_metrics_of, hparams_of, print_summary
 from kd_lightning.sweeps import run_sweep_job
-from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_teacher_config
+from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_teacher_config, file_sha256
 from kd_lightning.validation import check_num_classes, check_splits, validate_config
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # The method's teachers (none, one, or several for multi_teacher), each cached or trained now.
     runs = get_method(cfg.distill.method).teacher_runs(cfg) if distillation else []
     teacher_ckpts = [ensure_teacher(run_cfg, datamodule) for run_cfg in runs]
+    teacher_shas = [file_sha256(c) for c in teacher_ckpts]
+    if cfg.get("ckpt_path"):  # continuing: the teachers must be those the finished epochs learnt from
+        check_same_teachers(output_dir, teacher_ckpts, teacher_shas)
     run = build(cfg, datamodule, teacher_ckpts)
     module, trainer = run.module, run.trainer
 
@@ -81,11 +89,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "params": count_params(module.net),
         "teacher_params": count_params(module.teacher) if getattr(module, "teacher", None) is not None else None,
         "best_ckpt": str(best.best_model_path),
-        "teacher_ckpt": str(teacher_ckpts[0]) if len(teacher_ckpts) == 1 else None,
-        "teacher_ckpts": [str(c) for c in teacher_ckpts],
+        # Other runs' files: absolute, with their sha256, checked on use (run_dir.teacher_ckpts_of).
+        "teacher_ckpt": str(Path(teacher_ckpts[0]).absolute()) if len(teacher_ckpts) == 1 else None,
+        "teacher_ckpts": [str(Path(c).absolute()) for c in teacher_ckpts],
+        "teacher_ckpts_sha256": teacher_shas,
         "output_dir": str(output_dir),
         "wall_seconds": time.perf_counter() - started,
     }
+    if changes := recorded_resume_changes(output_dir):
+        result["resume_changes"] = changes  # settings a resume changed, each with the epoch it holds from
     if trainer.is_global_zero:
         record(cfg, result, trainer, datamodule.source)
     return result
@@ -123,8 +135,21 @@ def ensure_teacher(cfg: DictConfig, datamodule: Any) -> Path:
         except Interrupted as err:
             # Resuming this run continues the teacher from its interrupted checkpoint, then trains the student.
             raise Interrupted(Path(cfg.paths.output_dir), sigterm=err.exit_code == 143) from err
-        cache.store(result["best_ckpt"])
+        cache.store(result["best_ckpt"])  # absolute in memory; metrics.json records it relative
     return cache.ckpt
+
+
+def check_same_teachers(run_dir: Path, teacher_ckpts: list[Path], shas: list[str]) -> None:
+    """A finished run continued (resume=, trainer.max_epochs raised) must distil from the teachers its metrics.json
+    records: one line naming the first whose content changed."""
+    metrics = run_dir / "metrics.json"
+    recorded = json.loads(metrics.read_text()).get("teacher_ckpts_sha256") if metrics.is_file() else None
+    if not recorded:
+        return
+    for ckpt, sha, was in zip(teacher_ckpts, shas, recorded):
+        if sha != was:
+            raise ConfigError(f"the teacher {ckpt} is not the one {run_dir} was distilled from (sha256 {sha[:12]}..., "
+                              f"recorded {was[:12]}...): resuming would mix two teachers; start a new run")
 
 
 def load_teacher(run_cfg: DictConfig, ckpt: Path) -> nn.Module:
@@ -162,7 +187,8 @@ def record(cfg: DictConfig, result: dict[str, Any], trainer: pl.Trainer, data_so
         lg.finalize("success")  # test() already closed the writer; this flushes the new records
     # The results carry the resolved settings that produced them (read by the sweep report), written atomically.
     settings = OmegaConf.to_container(cfg, resolve=True)
-    atomic_write_text(Path(result["output_dir"]) / "metrics.json", json.dumps({**result, "config": settings}, indent=2))
+    atomic_write_text(Path(result["output_dir"]) / "metrics.json",
+                      json.dumps({**run_record(result), "config": settings}, indent=2))
     if result["teacher_ckpt"]:  # the cheap model card, teacher vs student (docs/export.md): one teacher
         write_card(Path(result["output_dir"]), cfg, device=trainer.strategy.root_device, **run_outputs(trainer))
     print_summary(cfg, result)
@@ -187,9 +213,12 @@ def fit_facts(best: ModelCheckpoint) -> dict[str, Any]:
     }
 
 
-def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The saved config of `run_dir`, set to continue its fit in place from its newest intact checkpoint
-    (a damaged one is named and skipped); `key=value` overrides (e.g. trainer.max_epochs=20) apply on top."""
+def resume_config(run_dir: Path, overrides: list[str], force: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The saved config of `run_dir` (with the changes of earlier resumes), set to continue its fit in place from its
+    newest intact checkpoint (a damaged one is named and skipped). `overrides` (Hydra's syntax) may change only what
+    cannot change the finished epochs' meaning (run_dir.RESUME_KEYS, e.g. trainer.max_epochs=20), or the keys in
+    `force` (`resume_force=[...]`); each change is recorded with the epoch it holds from (resume_changes.json, then
+    metrics.json)."""
     if error := resume_dir_error(run_dir):
         raise ConfigError(error)
     cfg = config.saved_run_config(run_dir.resolve())  # with the trainer the run chose (its teacher's too)
@@ -197,10 +226,11 @@ def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     cfg.ckpt_path = str(checkpoint) if checkpoint else "last"  # "last" without one: train() says it starts anew
     cfg.resume = None
     OmegaConf.set_struct(cfg, True)
-    try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    except ConfigKeyError as err:
-        raise ConfigError(f"with resume=, only key=value overrides of the saved config are accepted ({err.msg})") from None
+    earlier = recorded_resume_changes(run_dir)
+    changes = apply_resume_changes(run_dir, cfg, overrides, list(force), checkpoint)
+    if changes != earlier and is_first_rank():
+        record_resume_changes(run_dir, changes)
+    return cfg
 
 
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="train")
@@ -210,9 +240,9 @@ def main(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return run_sweep_job(cfg, train)  # failures are recorded, not raised: the sweep goes on
         if cfg.get("resume"):
-            # `+key=value` is how Hydra lets a key that train.yaml lacks through; the saved config may have it.
-            others = [o.lstrip("+") for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
-            cfg = resume_config(Path(cfg.resume), others)
+            # Checked against the saved config: only what cannot change the finished epochs (run_dir.RESUME_KEYS).
+            others = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "resume_force="))]
+            cfg = resume_config(Path(cfg.resume), others, list(cfg.resume_force or []))
         return train(cfg)[cfg.optimized_metric]
 
 
