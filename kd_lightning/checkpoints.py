@@ -121,8 +121,28 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_write(dst: str | Path, write: Callable[[str], None]) -> None:
     """`write(tmp)` to a temporary file beside `dst`, fsync it, then rename: readers see the old file or the whole
     new one. The file gets the mode of any new file (0644 under umask 022), not mkstemp's private 0600, so a
-    group can share a cache."""
-    _publish(_write_temporary(dst, write), dst)
+    group can share a cache. An OSError that names no file (a full disk met by `write`) is raised naming `dst`."""
+    with _naming(dst):
+        _publish(_write_temporary(dst, write), dst)
+
+
+@contextlib.contextmanager
+def _naming(dst: str | Path) -> Iterator[None]:
+    """Give an OSError without a file name (a write or fsync on a full disk) the destination's name, so that the
+    one-line message of kd_lightning.errors can say which file could not be written."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(dst)) from err
+        raise
+
+
+def torch_save_file(obj: Any, path: str | Path) -> None:
+    """torch.save through a Python file: a full disk is then an OSError(ENOSPC), not torch's RuntimeError
+    "[enforce fail at inline_container.cc] unexpected pos" that names neither the cause nor the file."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _write_temporary(dst: str | Path, write: Callable[[str], None]) -> str:
@@ -153,12 +173,17 @@ def _publish(tmp: str, dst: str | Path) -> None:
     _fsync_dir(dst.parent)
 
 
+def _publish_naming(tmp: str, dst: str | Path) -> None:
+    with _naming(dst):
+        _publish(tmp, dst)
+
+
 def atomic_copy(src: str | Path, dst: str | Path) -> None:
     atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def atomic_torch_save(obj: Any, dst: str | Path) -> None:
-    atomic_write(dst, lambda tmp: torch.save(obj, tmp))
+    atomic_write(dst, lambda tmp: torch_save_file(obj, tmp))
 
 
 def atomic_write_text(dst: str | Path, text: str) -> None:
@@ -208,10 +233,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if not local:
                 return super().save_checkpoint(checkpoint, path, storage_options)
             return atomic_torch_save(checkpoint, path)
-        tmp = _write_temporary(path, lambda tmp: torch.save(checkpoint, tmp))
+        with _naming(path):
+            tmp = _write_temporary(path, lambda tmp: torch_save_file(checkpoint, tmp))
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sync")
-        self._pending.append(self._executor.submit(_publish, tmp, path))
+        self._pending.append(self._executor.submit(_publish_naming, tmp, path))
 
     def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self.wait()

@@ -9,6 +9,7 @@ from numbers import Real
 from typing import Any
 
 from omegaconf import DictConfig
+from pytorch_lightning.accelerators import AcceleratorRegistry
 
 from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError
@@ -68,6 +69,27 @@ def validate_config(cfg: DictConfig) -> None:
         "trainer.max_epochs", max_epochs, "a positive integer (or -1 with a positive trainer.max_steps)",
     )
     check_launch(trainer)
+    check_accelerator(trainer)
+
+
+def usable_accelerators() -> list[str]:
+    """The accelerators Lightning can use on this machine (its registry's `is_available()`), "gpu" among them
+    when CUDA or MPS is."""
+    names = sorted(n for n in AcceleratorRegistry.available_accelerators()
+                   if AcceleratorRegistry[n]["accelerator"].is_available())
+    return names + (["gpu"] if {"cuda", "mps"} & set(names) else [])
+
+
+def check_accelerator(trainer: DictConfig) -> None:
+    """`trainer.accelerator` must be usable here: checked first, so that trainer=gpu on a machine without a GPU
+    fails in one line before any data is read, any teacher trained or any cache entry made."""
+    accelerator = trainer.get("accelerator", "auto")
+    if not isinstance(accelerator, str) or accelerator == "auto":
+        return  # "auto" picks what is there; an Accelerator object is the user's business
+    usable = usable_accelerators()
+    _require(accelerator in usable, "trainer.accelerator", accelerator,
+             f"this machine can use only {', '.join(usable)} (no {accelerator} that torch can see); "
+             f"use trainer=default for the CPU")
 
 
 def check_num_classes(what: str, model_cfg: DictConfig, datamodule: Any) -> None:
