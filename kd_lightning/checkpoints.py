@@ -128,12 +128,13 @@ def atomic_write(dst: str | Path, write: Callable[[str], None]) -> None:
 
 @contextlib.contextmanager
 def _naming(dst: str | Path) -> Iterator[None]:
-    """Give an OSError without a file name (a write or fsync on a full disk) the destination's name, so that the
-    one-line message of kd_lightning.errors can say which file could not be written."""
+    """Give an OSError without a file name (a write or fsync on a full disk), or naming our temporary file, the
+    destination's name, so that the one-line message of kd_lightning.errors says which file could not be written."""
     try:
         yield
     except OSError as err:
-        if err.filename is None and err.errno is not None:
+        ours = err.filename is None or Path(str(err.filename)).name.startswith(f".{Path(dst).name}.")  # our temporary
+        if ours and err.errno is not None:
             raise OSError(err.errno, err.strerror, str(dst)) from err
         raise
 
