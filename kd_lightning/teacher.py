@@ -42,7 +42,7 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from kd_lightning.checkpoints import atomic_copy, atomic_torch_save, atomic_write
+from kd_lightning.checkpoints import atomic_copy, atomic_torch_save, atomic_write, remove_dead_temporaries
 from kd_lightning.config import compose_train_config, is_distillation
 from kd_lightning.launch import train_in_one_process
 
@@ -151,6 +151,7 @@ class TeacherCache:
             log.info("Waiting for another run to finish the teacher %s (lock %s.lock held)", self.dir, self.dir)
             lock.acquire()
         try:
+            remove_dead_temporaries(self.dir)  # of a teacher.ckpt/teacher.json write killed mid-way
             yield
         finally:
             lock.release()
@@ -298,6 +299,7 @@ def cached_teacher_logits(teacher_ckpt: Path, teacher: nn.Module, datamodule: An
     path = cache_dir / "logits" / f"{teacher_sha[:16]}-{data_key[:16]}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
+        remove_dead_temporaries(path.parent)  # of a logit cache write killed mid-way (kill -9)
         if path.is_file():
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
