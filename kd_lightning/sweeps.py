@@ -38,7 +38,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint
-from kd_lightning.errors import Interrupted
+from kd_lightning.errors import Interrupted, disk_error_message
 from kd_lightning.launch import is_first_rank
 from kd_lightning.run_dir import run_record
 
@@ -188,24 +188,37 @@ def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]
     if checkpoint := intact_checkpoint(job_dir / "checkpoints"):
         log.info("Job %s resumes from its last checkpoint (%s)", job_dir.name, checkpoint.name)
         cfg.ckpt_path = str(checkpoint)
-    write_json(record, {"overrides": overrides, "config": settings})
-    limit_threads_for_parallel_jobs()
-
     try:
+        write_json(record, {"overrides": overrides, "config": settings})
+        limit_threads_for_parallel_jobs()
         result = train(cfg)
     except Interrupted:
         raise  # Ctrl-C / SIGTERM stop the sweep; the next run of the command resumes this job
     except Exception as err:  # noqa: BLE001 - any failure of one job is recorded and the sweep goes on
-        write_json(failure, {
-            "overrides": overrides, "config": settings, "error": f"{type(err).__name__}: {err}",
-            "traceback": traceback.format_exc(),
-        })
-        log.error("Job %s failed (%s: %s); the sweep goes on", job_dir.name, type(err).__name__, err)
+        error = disk_error_message(err) or f"{type(err).__name__}: {err}"
+        log.error("Job %s failed (%s); the sweep goes on", job_dir.name, error)
+        record_outcome(job_dir, failure, {"overrides": overrides, "config": settings, "error": error,
+                                          "traceback": traceback.format_exc()})
         return None
     if is_first_rank():
         failure.unlink(missing_ok=True)
-    write_json(metrics_file, {**run_record(result), "overrides": overrides, "config": settings})
+    record_outcome(job_dir, metrics_file, {**run_record(result), "overrides": overrides, "config": settings})
     return result.get(cfg.optimized_metric)
+
+
+# Jobs of this process's sweep whose metrics.json or failed.json could not be written (a full or read-only disk):
+# the sweep goes on, writes its report from what was recorded, and exits 1 naming them.
+UNRECORDED: list[str] = []
+
+
+def record_outcome(job_dir: Path, path: Path, record: dict[str, Any]) -> None:
+    """Write a job's metrics.json or failed.json; a disk that refuses it costs this job's record, not the sweep."""
+    try:
+        write_json(path, record)
+    except OSError as err:
+        log.error("Job %s: %s could not be written, so the job counts as unfinished (%s)", job_dir.name,
+                  path.name, disk_error_message(err) or f"{type(err).__name__}: {err}")
+        UNRECORDED.append(str(job_dir))
 
 
 def failed_jobs(sweep_dir: Path) -> list[Path]:
@@ -217,6 +230,7 @@ class SweepGuard(Callback):
     """Hydra callback: one sweep per sweep dir, and a sweep with failed jobs exits non-zero after its report."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        UNRECORDED.clear()
         sweep_dir = Path(config.hydra.sweep.dir)
         overrides = sorted(config.hydra.overrides.task)
         record = sweep_dir / "sweep.json"
@@ -231,6 +245,11 @@ class SweepGuard(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        if sweep_dir.is_dir() and (failed := failed_jobs(sweep_dir)):
+        failed = failed_jobs(sweep_dir) if sweep_dir.is_dir() else []
+        if failed:
             log.error("%d job(s) of the sweep failed; their errors: %s", len(failed), " ".join(map(str, failed)))
+        if UNRECORDED:
+            log.error("%d job(s) of the sweep have no record (the disk refused it): %s", len(UNRECORDED),
+                      " ".join(UNRECORDED))
+        if failed or UNRECORDED:
             sys.exit(1)

@@ -120,7 +120,7 @@ def ensure_teacher(cfg: DictConfig, datamodule: Any) -> Path:
     check_num_classes(f"teacher model (experiment={cfg.teacher.experiment})", tcfg.model, datamodule)
     if cfg.teacher.ckpt_path:
         return Path(cfg.teacher.ckpt_path)
-    cache = TeacherCache(cfg.paths.cache_dir, tcfg, datamodule.source)
+    cache = TeacherCache(cfg.paths.cache_dir, tcfg, datamodule.source, datamodule.content_fingerprint())
     if not is_first_rank():  # ranks started by torchrun/srun: rank 0 trains or verifies it, the others wait
         wait_for_file(cache.record, "the teacher")  # teacher.json is written last, once teacher.ckpt is in place
         return cache.ckpt
@@ -135,6 +135,9 @@ def ensure_teacher(cfg: DictConfig, datamodule: Any) -> Path:
         except Interrupted as err:
             # Resuming this run continues the teacher from its interrupted checkpoint, then trains the student.
             raise Interrupted(Path(cfg.paths.output_dir), sigterm=err.exit_code == 143) from err
+        except Exception:
+            cache.discard()  # a failed teacher leaves no entry (an interrupted one stays, to be continued)
+            raise
         cache.store(result["best_ckpt"])  # absolute in memory; metrics.json records it relative
     return cache.ckpt
 
