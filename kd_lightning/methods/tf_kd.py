@@ -38,9 +38,9 @@ from kd_lightning.methods.base import (
 FORMS = ("paper", "authors_code")
 
 
-def virtual_teacher(labels: Tensor, num_classes: int, correct_prob: float) -> Tensor:
+def virtual_teacher(labels: Tensor, num_classes: int, correct_prob: float, dtype: torch.dtype = torch.float32) -> Tensor:
     """u: correct_prob on the label, (1 - correct_prob) / (K - 1) on every other class."""
-    u = torch.full((len(labels), num_classes), (1 - correct_prob) / (num_classes - 1))
+    u = torch.full((len(labels), num_classes), (1 - correct_prob) / (num_classes - 1), dtype=dtype)
     return u.scatter_(1, labels[:, None].cpu(), correct_prob).to(labels.device)
 
 
@@ -65,7 +65,8 @@ class TfKD(Method):
 
     def forward(self, step: StepInputs) -> LossTerms:
         hard = F.cross_entropy(step.logits, step.labels)
-        u = virtual_teacher(step.labels, step.logits.shape[1], self.correct_prob).to(step.logits.dtype)
+        u = virtual_teacher(step.labels, step.logits.shape[1], self.correct_prob,
+                            torch.promote_types(step.logits.dtype, torch.float32))
         target_log_probs = F.log_softmax(u / self.T, dim=1)
         if self.form == "paper":  # T^2 KL(p^d_T || softmax(s / T))
             reg = kd_term(step.logits, target_log_probs, self.T)
