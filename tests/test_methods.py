@@ -3,14 +3,16 @@ its paper; gradients reach the student and the method's parts only; every method
 a method defined here is registered and trained (the "add your own method" path of docs/methods.md)."""
 
 import math
+import re
 import shutil
+import sys
 from functools import cache, partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_lightning.checkpoints import load_net
@@ -19,7 +21,7 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.losses import kd_loss, soft_targets, standardize
 from kd_lightning.methods import METHODS, Method, StepInputs, check_method, get_method, register
 from kd_lightning.methods.at import at_loss, attention_map
-from kd_lightning.methods.base import capture
+from kd_lightning.methods.base import capture, positive
 from kd_lightning.methods.dist import inter_class_relation, intra_class_relation
 from kd_lightning.methods.dkd import dkd_parts
 from kd_lightning.methods.kd import KD
@@ -695,6 +697,165 @@ def test_a_method_defined_here_registers_and_trains(tmp_path: Path, mnist_teache
                                            "+distill.logit_matching.beta=0"]))
 
 
+def documented_method_file() -> tuple[str, str]:
+    """The module name and source of the method file docs/methods.md shows under "Add your own method"."""
+    page = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    section = page.split("## Add your own method", 1)[1]
+    source = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
+    path = re.match(r"# (kd_lightning/methods/\w+\.py)\n", source).group(1)
+    return Path(path).stem, source
+
+
+def test_the_documented_method_file_is_all_a_new_method_takes(tmp_path: Path, mnist_teacher: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22 point 8: the docs' file, put in the package as a new module, imports (from base, no circular
+    import), registers, takes its defaults from the file (no config section) and trains through train()."""
+    import kd_lightning.methods as methods_package
+
+    name, source = documented_method_file()
+    assert "from kd_lightning.methods.base import" in source
+    folder = tmp_path / "new_methods"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(source)
+    monkeypatch.setattr(methods_package, "__path__", [*methods_package.__path__, str(folder)])  # as if in the folder
+    module_name = f"kd_lightning.methods.{name}"
+    assert name not in METHODS and module_name not in sys.modules
+    try:
+        cfg = compose_train_config(["experiment=soft", f"distill.method={name}"])
+        assert name not in cfg.distill  # no section in the config
+        check_method(cfg)
+        assert get_method(name).defaults == {"beta": 0.1}
+        result = train_method(tmp_path, name, "experiment=soft", f"teacher.ckpt_path={mnist_teacher}",
+                              "teacher.overrides=['model=mlp_784_16_10']", "data.download=false",
+                              f"paths.data_dir={tmp_path / 'data'}")
+    finally:  # the module and its method gone again
+        sys.modules.pop(module_name, None)
+        METHODS.pop(name, None)
+    state = torch.load(result["best_ckpt"], weights_only=True)["state_dict"]
+    assert "method.scale" in state and state["method.scale"].item() != 1.0  # it trained with the student
+
+
+def test_a_method_missing_a_setting_names_it_in_one_line() -> None:
+    class NeedsBeta(Method):
+        name = "needs_beta"
+        hparams = {"beta": positive, "gamma": positive}
+
+    with pytest.raises(ConfigError, match=r"^distill.method=needs_beta needs distill.needs_beta.beta, "
+                                          r"distill.needs_beta.gamma: give them on the command line "
+                                          r"\(\+distill.needs_beta.beta=...\) or in the defaults of the method's class$"):
+        NeedsBeta.check({"T": 2.0, "needs_beta": None})
+    NeedsBeta.check({"T": 2.0, "needs_beta": {"beta": 1.0, "gamma": 2.0}})
+
+
+def test_the_config_lists_each_methods_file_defaults() -> None:
+    distill = distill_defaults()
+    for name in ("fitnet", "at", "dkd", "rkd", "multi_teacher", "label_smoothing", "tf_kd", "dist"):
+        assert OmegaConf.to_container(distill[name]) == get_method(name).defaults, name
+
+
+def test_the_documented_hooks_exist() -> None:
+    """docs/methods.md's list of what a method can declare names real attributes and hooks only."""
+    page = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    declared = page.split("What a method can declare", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"`(?:self\.|step\.)?([a-z_]+)(?:\(|`| =)", declared)) - {"true", "false"}
+    assert {"teacher_runs", "load_teacher", "cached_teacher_logits", "teacher_logits", "needs_teacher_targets"} <= names
+    import builtins
+
+    import kd_lightning.methods.base as base
+
+    fields = set(StepInputs.__dataclass_fields__)
+    instance_attributes = {"needs_teacher_targets", "student_layers", "teacher_layers"}
+    known = fields | instance_attributes | set(Method.__annotations__) | set(dir(builtins))  # name; int(progress)
+    missing = {n for n in names if not hasattr(Method, n) and n not in known and not hasattr(base, n)}
+    assert not missing, missing
+    assert "provide_teacher" not in page
+
+
+class RecordingMethod(Method):
+    """Records what the module gives its loss."""
+
+    name = "recording"
+
+    def __init__(self, distill: dict) -> None:
+        super().__init__(distill)
+        self.needs_teacher_targets = True
+        self.seen: list[StepInputs] = []
+
+    def forward(self, step: StepInputs) -> dict[str, torch.Tensor]:
+        self.seen.append(step)
+        return {"loss": F.cross_entropy(step.logits, step.labels)}
+
+
+def test_methods_receive_the_teachers_logits_cached_and_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(METHODS, "recording", RecordingMethod)
+    torch.manual_seed(0)
+    teacher = MnistCNN().eval()
+    x, y, idx = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)), torch.tensor([5, 0, 7, 2])
+    with torch.no_grad():
+        expected = teacher(x)
+    online = DistillModule(MnistConvStudent(), teacher, optimizer=partial(torch.optim.SGD, lr=0.1), method="recording")
+    online.training_step((x, y, idx), 0)
+    cached = DistillModule(MnistConvStudent(), teacher, optimizer=partial(torch.optim.SGD, lr=0.1), method="recording")
+    table = torch.randn(8, 10)
+    table[idx] = expected
+    cached.use_cached_teacher_logits({"train": table})
+    cached.training_step((x, y, idx), 0)
+    for module in (online, cached):
+        step = module.method.seen[-1]
+        torch.testing.assert_close(step.teacher_logits, expected)
+        torch.testing.assert_close(step.teacher_log_probs, F.log_softmax(expected / 2.0, 1))
+
+
+@pytest.mark.parametrize(("method", "standardized", "T"), [
+    ("dkd", False, 4.0), ("kd", False, 2.0), ("dist", False, 4.0), ("at", False, 2.0), ("kd", True, 2.0),
+])
+def test_val_soft_loss_is_the_kd_term_at_the_methods_own_temperature(method: str, standardized: bool, T: float) -> None:
+    """Issue 22 point 6: dkd's was logged at distill.T=2 while it trains at its own T=4."""
+    torch.manual_seed(0)
+    student = MnistConvStudent()
+    module = DistillModule(student, MnistCNN(), optimizer=partial(torch.optim.SGD, lr=0.1), method=method,
+                           T=2.0 if not standardized else 5.0, logit_standardization=standardized)
+    teacher_logits = torch.randn(6, 10) * 3
+    module.use_cached_teacher_logits({"val": teacher_logits})
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    module.eval()
+    with torch.no_grad():
+        module._eval_step("val", (x, y, torch.arange(6)))
+        logits = student(x)
+    if standardized:
+        expected = ls_kd_by_hand(logits.double().tolist(), teacher_logits.double().tolist(), T)
+    else:
+        expected = kd_loss(logits.double(), teacher_logits.double(), T).item()
+    assert module.eval_metrics["val"]["soft_loss"].compute().item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_run_summary_shows_the_method_and_its_own_settings(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from kd_lightning.summary import hparams_of, print_summary
+
+    monkeypatch.setenv("COLUMNS", "200")
+    result = {"output_dir": "x", "teacher_params": 10, "params": 5, "test/teacher_acc": 0.9, "test/agreement": 0.8,
+              "test/acc": 0.7, "test/loss": 1.0, "best_epoch": 0, "epochs": 1, "seconds_per_epoch": 1.0,
+              "data_source": "sample"}
+    expected = {
+        ("distill.method=dkd",): "dkd (alpha=1.0, beta=8.0, T=4.0, ce_weight=1.0, warmup_epochs=1.0)",
+        ("distill.method=at",): "at (student_layers=null, teacher_layers=null, beta=1000.0, p=2.0, ce_weight=1.0)",
+        ("distill.method=kd",): "kd: hard_soft (T=2.0, alpha=0.8)",
+        ("distill.group=soft",): "kd: soft (T=2.0)",
+        ("distill.logit_standardization=true",): "kd: hard_soft (T=2.0 (base_T), logit standardization, alpha=0.8)",
+        ("distill.method=dkd", "distill.logit_standardization=true"):
+            "dkd (alpha=1.0, beta=8.0, T=4.0, ce_weight=1.0, warmup_epochs=1.0; logit standardization at base_T=2.0)",
+        ("distill.method=dist",): "dist (beta=2.0, gamma=2.0, tau=4.0, ce_weight=1.0)",
+    }
+    for overrides, line in expected.items():
+        cfg = compose_train_config(["module=distill", "model=mnist_conv_student", "paths.output_dir=out", *overrides])
+        print_summary(cfg, result)
+        out = capsys.readouterr().out
+        assert re.search(r"method\s+│\s+" + re.escape(line) + r"\s+│", out), out
+        assert hparams_of(cfg, None)["method_settings"] == line
+    assert "loss group" not in out
+
+
 def test_kd_method_keeps_cached_logits_and_feature_methods_run_the_teacher(mnist_teacher: Path) -> None:
     student = MnistConvStudent()
     kd = DistillModule(student, MnistCNN(), optimizer=partial(torch.optim.SGD, lr=0.1), group="soft")
@@ -746,7 +907,7 @@ def test_conv_student_is_small_and_its_maps_match_the_teachers() -> None:
     assert sum(p.numel() for p in student.parameters()) == 38_298  # 80 + 1,168 + 36,880 + 170
     x = torch.zeros(2, 1, 28, 28)
     with torch.no_grad():
-        from kd_lightning.methods.base import capture
+        from kd_lightning.methods.base import capture, positive
 
         with capture(student, student.feature_layers) as s, capture(teacher.eval(), teacher.feature_layers) as t:
             student(x), teacher(x)

@@ -155,7 +155,7 @@ class Method(nn.Module):
         if missing := [key for key in cls.hparams if key not in hp]:
             raise ConfigError(f"distill.method={cls.name} needs {', '.join(f'distill.{cls.name}.{k}' for k in missing)}: "
                               f"give {'them' if len(missing) > 1 else 'it'} on the command line (+distill.{cls.name}."
-                              f"{missing[0]}=...) or in the `defaults` of the method's class")
+                              f"{missing[0]}=...) or in the defaults of the method's class")
         for key, ok in cls.hparams.items():
             if not ok(hp[key]):
                 raise ConfigError(f"distill.{cls.name}.{key}={hp[key]!r} is not accepted: {CHECKS[ok]}")
