@@ -911,7 +911,7 @@ def test_conv_student_is_small_and_its_maps_match_the_teachers() -> None:
     assert sum(p.numel() for p in student.parameters()) == 38_298  # 80 + 1,168 + 36,880 + 170
     x = torch.zeros(2, 1, 28, 28)
     with torch.no_grad():
-        from kd_lightning.methods.base import capture, positive
+        from kd_lightning.methods.base import capture
 
         with capture(student, student.feature_layers) as s, capture(teacher.eval(), teacher.feature_layers) as t:
             student(x), teacher(x)
