@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kd_lightning.config import is_distillation
+from kd_lightning.methods import get_method
 
 
 def hparams_of(cfg: DictConfig, data_source: str | None) -> dict[str, Any]:
@@ -25,7 +26,7 @@ def hparams_of(cfg: DictConfig, data_source: str | None) -> dict[str, Any]:
     }
     if is_distillation(c):
         params.update(method=c["module"].get("method", "kd"), group=c["module"]["group"], T=c["module"]["T"],
-                      alpha=c["module"]["alpha"])
+                      alpha=c["module"]["alpha"], method_settings=get_method(cfg.distill.method).describe(cfg.distill))
     return params
 
 
@@ -43,10 +44,8 @@ def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     rows = [("student" if result["teacher_params"] else "model", cfg.model._target_.rsplit(".", 1)[-1])]
-    if is_distillation(cfg):
-        group = cfg.module.group  # only the settings the group uses: T for soft terms, alpha to weigh them
-        settings = {"hard": "", "soft": f" (T={cfg.module.T})"}.get(group, f" (T={cfg.module.T}, alpha={cfg.module.alpha})")
-        rows.append(("loss group", f"{group}{settings}"))
+    if is_distillation(cfg):  # the method and its own settings (kd: its group, and T, alpha where they act)
+        rows.append(("method", get_method(cfg.distill.method).describe(cfg.distill)))
     rows.append(("parameters", f"{result['params']:,}"))
     if result["teacher_params"]:
         rows.append(("teacher parameters", f"{result['teacher_params']:,}"))
