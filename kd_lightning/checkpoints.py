@@ -43,6 +43,14 @@ NET_PREFIX = "net."
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint read by `read_checkpoint_file`; one without a state_dict is a CheckpointError too."""
+    checkpoint = read_checkpoint_file(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no state_dict")
+    return checkpoint
+
+
+def read_checkpoint_file(path: str | Path) -> Any:
     """torch.load with weights_only=True, on the CPU; every failure is a one-line CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
@@ -60,8 +68,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({first_line})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no state_dict")
     return checkpoint
 
 

@@ -231,6 +231,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def given_teacher(path: Path, model_cfg: DictConfig, cache_dir: str | Path) -> Path:
+    """The checkpoint of `teacher.ckpt_path=<path>`: a Lightning checkpoint as it is; a released teacher file
+    (`ckpt_epoch_240.pth`: a dict with `model` or `net`) loaded strictly into `model_cfg`'s net and converted once
+    into the cache (kd_lightning/models/cifar100/released.py)."""
+    from kd_lightning.models.cifar100.released import read_released, released_as_checkpoint
+
+    if read_released(path) is None:
+        return path
+    return released_as_checkpoint(path, model_cfg, cache_dir, file_sha256(path))
+
+
 # ---- the cache of teacher logits ----------------------------------------------------------------------------
 @torch.no_grad()  # not inference_mode: DDP broadcasts the cached logits (module buffers), which inference tensors refuse
 def compute_teacher_logits(teacher: nn.Module, loader: Any, device: str = "cpu") -> Tensor:

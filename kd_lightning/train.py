@@ -39,7 +39,7 @@ from kd_lightning.run_dir import (
 )
 from kd_lightning.summary import hp_metrics_of, hparams_of, print_summary
 from kd_lightning.sweeps import run_sweep_job
-from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_teacher_config, file_sha256
+from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_teacher_config, file_sha256, given_teacher
 from kd_lightning.validation import check_num_classes, check_splits, validate_config
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns Ctrl-C and SIGTERM into these
         raise Interrupted(output_dir, sigterm=isinstance(exc, SIGTERMException)) from exc
     best = next(c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
+    last_metrics = {}
+    if cfg.get("test_last"):  # the last epoch's test metrics too, as last/test/* (the CIFAR-100 benchmark reports both)
+        last = Path(best.dirpath) / f"{best.CHECKPOINT_NAME_LAST}{best.FILE_EXTENSION}"
+        last_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=str(last), verbose=False)[0]
     test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False)[0]
+    # The file each teacher came from (teacher.ckpt_path as given, e.g. a released teacher, else the cached one).
+    teacher_files = [Path(r.teacher.ckpt_path) if r.teacher.ckpt_path else c for r, c in zip(runs, teacher_ckpts)]
 
     result: dict[str, Any] = {
         **{k: float(v) for k, v in test_metrics.items()},
+        **{f"last/{k}": float(v) for k, v in last_metrics.items()},
         **fit_facts(best),
         "data_source": datamodule.source,
         "params": count_params(module.net),
@@ -93,6 +100,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "teacher_ckpt": str(Path(teacher_ckpts[0]).absolute()) if len(teacher_ckpts) == 1 else None,
         "teacher_ckpts": [str(Path(c).absolute()) for c in teacher_ckpts],
         "teacher_ckpts_sha256": teacher_shas,
+        # The file the user gave as teacher.ckpt_path (a released checkpoint), as given, with its sha256.
+        "teacher_file": str(teacher_files[0]) if len(teacher_files) == 1 else None,
+        "teacher_sha256": file_sha256(teacher_files[0]) if len(teacher_files) == 1 else None,
         "output_dir": str(output_dir),
         "wall_seconds": time.perf_counter() - started,
     }
@@ -118,8 +128,8 @@ def ensure_teacher(cfg: DictConfig, datamodule: Any) -> Path:
     trained now into the cache by `train` itself on the composed teacher config."""
     tcfg = compose_teacher_config(cfg)
     check_num_classes(f"teacher model (experiment={cfg.teacher.experiment})", tcfg.model, datamodule)
-    if cfg.teacher.ckpt_path:
-        return Path(cfg.teacher.ckpt_path)
+    if cfg.teacher.ckpt_path:  # a Lightning checkpoint, or a released teacher file converted once
+        return given_teacher(Path(cfg.teacher.ckpt_path), tcfg.model, cfg.paths.cache_dir)
     cache = TeacherCache(cfg.paths.cache_dir, tcfg, datamodule.source, datamodule.content_fingerprint())
     if not is_first_rank():  # ranks started by torchrun/srun: rank 0 trains or verifies it, the others wait
         wait_for_file(cache.record, "the teacher")  # teacher.json is written last, once teacher.ckpt is in place
