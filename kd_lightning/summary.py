@@ -26,13 +26,24 @@ def reproduce_command(overrides: list[str], multirun_job: bool = False) -> str:
     command runs that job alone (`hydra.mode=RUN`: a sweep= config would start the whole sweep)."""
     parts = []
     for override in OverridesParser.create().parse_overrides(overrides):
-        if override.is_sweep_override() or (override.is_delete() and override.value() is None):
+        value = override.value()
+        if override.is_sweep_override() or (override.is_delete() and value is None):
             parts.append(override.input_line)
         else:
-            parts.append(f"{override.get_key_element()}={override.get_value_element_as_str()}")
+            text = "true" if value is True else "false" if value is False else override.get_value_element_as_str()
+            parts.append(f"{override.get_key_element()}={text}")
     if multirun_job:
         parts.append("hydra.mode=RUN")
-    return " ".join(["python train.py", *(shlex.quote(p) for p in parts)])
+    return " ".join(["python train.py", *map(shell_quote, parts)])
+
+
+def shell_quote(text: str) -> str:
+    """`text` as one shell word: as is when safe, else in double quotes when that needs no escapes (Hydra's single
+    quotes stay readable: "teacher.overrides=['trainer.max_epochs=3']"), else shlex's single quotes."""
+    quoted = shlex.quote(text)
+    if quoted != text and not any(c in text for c in '"$`\\!'):
+        return f'"{text}"'
+    return quoted
 
 
 @functools.cache

@@ -40,6 +40,7 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.summary import run_identity
 
 log = logging.getLogger(__name__)
+logging.getLogger("aim").setLevel(logging.WARNING)  # Aim logs each run's status reporter thread at INFO
 
 RUN_FILES = ("metrics.json", "MODEL_CARD.md", "card.png", ".hydra/config.yaml")  # a run's files, when present
 SWEEP_FILES = ("results.csv", "results.md", "heatmap.png", "curves.png")  # kd_lightning/report.py
@@ -168,6 +169,12 @@ class MLFlowLogger(_Tracker, _MLFlowLogger):
 
     def _record_config(self, params: dict[str, Any], tags: list[str]) -> None:
         _MLFlowLogger.log_hyperparams(self, params)  # flattened: config/model/_target_, config/distill/T, ...
+        # Whole, where params stop at 250 characters: the commit and the command in MLflow's own tags (the
+        # command is the run's description in the UI).
+        if params.get("git_commit"):
+            self.experiment.set_tag(self.run_id, "mlflow.source.git.commit", params["git_commit"])
+        if params.get("command"):
+            self.experiment.set_tag(self.run_id, "mlflow.note.content", f"`{params['command']}`")
         for tag in tags:
             self.experiment.set_tag(self.run_id, tag, "true")
 
@@ -227,6 +234,8 @@ class WandbLogger(_Tracker, _WandbLogger):
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(save_dir=save_dir, project=project, group=group or experiment, name=name or run_name,
                          offline=offline, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # passed on as None, wandb warns that it has no effect
+            self._wandb_init.pop("anonymous", None)
 
     def _record_config(self, params: dict[str, Any], tags: list[str]) -> None:
         self.experiment.config.update(params, allow_val_change=True)
