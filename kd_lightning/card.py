@@ -34,7 +34,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
-from torch.utils import benchmark
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 
 from kd_lightning import config
@@ -136,11 +135,25 @@ def quality(logits: Tensor, labels: Tensor) -> dict[str, Any]:
     }
 
 
+def _benchmark() -> Any:
+    """torch.utils.benchmark, imported on first use and without its import-time note: it imports
+    torch.utils.cpp_extension, which logs "No CUDA runtime is found, using CUDA_HOME=..." on a machine with a CUDA
+    toolkit dir but no GPU. That note is about compiling C++ extensions, which nothing here does."""
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_extension_log.level
+    cpp_extension_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        cpp_extension_log.setLevel(level)
+    return benchmark
+
+
 def latency(net: nn.Module, example: Tensor, batch_size: int, threads: int, min_run_time: float) -> dict[str, float]:
     """Milliseconds per forward pass at `batch_size` on the CPU: median and interquartile range of torch.utils.benchmark's
     blocked measurements (each block averages its calls), over at least MIN_BLOCKS blocks."""
     x = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
-    timer = benchmark.Timer(stmt="forward(x)", globals={"forward": torch.inference_mode()(net.eval()), "x": x},
+    timer = _benchmark().Timer(stmt="forward(x)", globals={"forward": torch.inference_mode()(net.eval()), "x": x},
                             num_threads=threads)
     m = timer.blocked_autorange(min_run_time=min_run_time)
     times = list(m.times)

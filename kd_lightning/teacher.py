@@ -55,7 +55,7 @@ DATA_IDENTITY_KEYS = ("_target_", "data_dir", "num_classes", "train_val_split", 
 # Keys of the resolved teacher config left out of its cache key, because they cannot change its weights.
 NOT_IN_KEY = (
     "paths",                                       # where data, logs and caches live
-    "task_name", "optimized_metric", "ckpt_path", "resume",
+    "task_name", "optimized_metric", "ckpt_path", "resume", "tags", "extras",
     "trainer_choice",                              # the trainer config it selected is in the key
     "data.data_dir", "data.download", "data.offline_fallback",  # where data is read from: the source found is in the key
     "data.num_workers", "data.pin_memory", "data.persistent_workers",  # how fast it is read

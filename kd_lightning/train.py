@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -37,9 +38,10 @@ from kd_lightning.run_dir import (
     resume_dir_error,
     run_record,
 )
-from kd_lightning.summary import hp_metrics_of, hparams_of, print_summary
+from kd_lightning.summary import hp_metrics_of, hparams_of, log_run_text, print_config_tree, print_summary, run_identity
 from kd_lightning.sweeps import run_sweep_job
 from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_teacher_config, file_sha256, given_teacher
+from kd_lightning.trackers import check_loggers, finish_run
 from kd_lightning.validation import check_num_classes, check_splits, validate_config
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     distillation = is_distillation(cfg)
     validate_config(cfg)
+    check_loggers(cfg)  # a tracker's package missing: one line now, not after the teacher trained
+    identity = run_identity(cfg, output_dir)  # the command and the git commit, as the run starts
     if distillation:
         check_method(cfg)  # distill.method and its distill.<method>.* settings
     datamodule = prepare_data(cfg)
@@ -105,6 +109,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "teacher_sha256": file_sha256(teacher_files[0]) if len(teacher_files) == 1 else None,
         "output_dir": str(output_dir),
         "wall_seconds": time.perf_counter() - started,
+        "tags": list(cfg.get("tags") or []),
+        **identity,
     }
     if changes := recorded_resume_changes(output_dir):
         result["resume_changes"] = changes  # settings a resume changed, each with the epoch it holds from
@@ -182,6 +188,8 @@ def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpts: li
     net = instantiate(cfg.model)
     module = instantiate(cfg.module, net=net, **module_kwargs)
     module.net_config = OmegaConf.to_container(cfg.model, resolve=True)  # set after: instantiate would build it
+    if not getattr(module, "compile_net", False):  # Lightning's model summary counts FLOPs on one example (0 without)
+        module.example_input_array = torch.zeros(1, *datamodule.input_shape)
     if teacher_ckpts and cfg.distill.cache_teacher_logits:
         module.use_cached_teacher_logits(
             method.cached_teacher_logits(module.teacher, teacher_ckpts, lambda ckpt, net: cached_teacher_logits(
@@ -194,16 +202,18 @@ def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpts: li
 
 
 def record(cfg: DictConfig, result: dict[str, Any], trainer: pl.Trainer, data_source: str | None) -> None:
-    """metrics.json in the run dir, the HParams of TensorBoard, a distillation run's model card, the console summary."""
+    """metrics.json in the run dir, the HParams of TensorBoard, a distillation run's model card, the trackers' copies
+    of those files, the console summary."""
     for lg in trainer.loggers:
         lg.log_hyperparams(hparams_of(cfg, data_source), hp_metrics_of(result))
-        lg.finalize("success")  # test() already closed the writer; this flushes the new records
+    log_run_text(trainer.loggers, result)
     # The results carry the resolved settings that produced them (read by the sweep report), written atomically.
     settings = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_text(Path(result["output_dir"]) / "metrics.json",
                       json.dumps({**run_record(result), "config": settings}, indent=2))
     if result["teacher_ckpt"]:  # the cheap model card, teacher vs student (docs/export.md): one teacher
         write_card(Path(result["output_dir"]), cfg, device=trainer.strategy.root_device, **run_outputs(trainer))
+    finish_run(trainer.loggers, result["output_dir"])  # test() already closed TensorBoard's writer: this flushes
     print_summary(cfg, result)
 
 
@@ -254,8 +264,12 @@ def main(cfg: DictConfig) -> float | None:
             return run_sweep_job(cfg, train)  # failures are recorded, not raised: the sweep goes on
         if cfg.get("resume"):
             # Checked against the saved config: only what cannot change the finished epochs (run_dir.RESUME_KEYS).
-            others = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "resume_force="))]
+            # `+key=value` is how Hydra lets a key that train.yaml lacks through; the saved config may have it.
+            others = [o.lstrip("+") for o in HydraConfig.get().overrides.task
+                      if not o.startswith(("resume=", "resume_force="))]
             cfg = resume_config(Path(cfg.resume), others, list(cfg.resume_force or []))
+        if cfg.get("extras", {}).get("print_config", False):  # single runs only: a sweep's jobs would print N trees
+            print_config_tree(cfg)
         return train(cfg)[cfg.optimized_metric]
 
 
