@@ -297,6 +297,7 @@ def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bo
 
     card = {
         "run_dir": str(run_dir), "data_source": datamodule.source, "n_test": len(labels), "agreement": agreement,
+        "class_names": list(getattr(datamodule, "class_names", None) or []) or None,  # image_folder: by name
         "threads": threads if timing else None, "cpu": cpu_name() if timing else None,
         "commands": commands(run_dir, cfg, teacher_run),
         **{role: {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()} for role, s in sides.items()},
@@ -336,6 +337,7 @@ def _count(n: float) -> str:
 def markdown(card: dict[str, Any]) -> str:
     t, s = card["teacher"], card["student"]
     tq, sq = t["quality"], s["quality"]
+    names = card.get("class_names")
     not_timed = "not measured (`python -m kd_lightning.card student_run=<this dir>`)"
 
     def lat(side: dict, b: int) -> str:
@@ -379,7 +381,7 @@ def markdown(card: dict[str, Any]) -> str:
         "",
         "| class | examples | teacher | student |",
         "|---:|---:|---:|---:|",
-        *[f"| {c} | {n} | {a:.4f} | {b:.4f} |" for c, (n, a, b) in
+        *[f"| {names[c] if names else c} | {n} | {a:.4f} | {b:.4f} |" for c, (n, a, b) in
           enumerate(zip(tq["class_counts"], tq["per_class_acc"], sq["per_class_acc"]))],
         "",
         "## How each model was made",

@@ -78,6 +78,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **{k: float(v) for k, v in test_metrics.items()},
         **fit_facts(best),
         "data_source": datamodule.source,
+        "class_names": getattr(datamodule, "class_names", None),  # image_folder: predictions by name
+        "normalization": {"mean": datamodule.mean, "std": datamodule.std},  # the values the inputs were standardized with
         "params": count_params(module.net),
         "teacher_params": count_params(module.teacher) if getattr(module, "teacher", None) is not None else None,
         "best_ckpt": str(best.best_model_path),
