@@ -30,6 +30,7 @@ from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError, Interrupted, exit_on_error
 from kd_lightning.launch import is_first_rank, wait_for_file
 from kd_lightning.methods import check_method, get_method
+from kd_lightning.models.library import check_net
 from kd_lightning.models.stats import count_params
 from kd_lightning.run_dir import resume_dir_error
 from kd_lightning.summary import hp_metrics_of, hparams_of, print_summary
@@ -131,7 +132,9 @@ def ensure_teacher(cfg: DictConfig, datamodule: Any) -> Path:
 
 def load_teacher(run_cfg: DictConfig, ckpt: Path) -> nn.Module:
     """The teacher net named by `run_cfg.teacher`, rebuilt from its checkpoint."""
-    return load_net(ckpt, compose_teacher_config(run_cfg).model)
+    teacher = load_net(ckpt, compose_teacher_config(run_cfg).model)
+    check_net(teacher, f"teacher {ckpt}")
+    return teacher
 
 
 def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpts: list[Path]) -> Run:
@@ -144,6 +147,7 @@ def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpts: li
 
     pl.seed_everything(cfg.seed, workers=True)  # after the teacher, so a cached one changes nothing
     net = instantiate(cfg.model)
+    check_net(net, "model")  # the attributes the modules read, one line naming a missing one (docs/models.md)
     module = instantiate(cfg.module, net=net, **module_kwargs)
     module.net_config = OmegaConf.to_container(cfg.model, resolve=True)  # set after: instantiate would build it
     if teacher_ckpts and cfg.distill.cache_teacher_logits:
