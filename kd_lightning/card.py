@@ -215,6 +215,13 @@ def find_teacher(run_dir: Path, metrics: dict[str, Any]) -> tuple[Path, Path | N
         return Path(metrics["teacher_ckpt"]), None
 
 
+def teacher_net_config(cfg: DictConfig) -> Any:
+    """The teacher's net config, for a `teacher.ckpt_path` that is a plain weights file (no net_config inside)."""
+    from kd_lightning.teacher import compose_teacher_config
+
+    return compose_teacher_config(cfg).model
+
+
 # ---- the card ---------------------------------------------------------------------------------------------
 @dataclass
 class Side:
@@ -263,7 +270,8 @@ def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bo
         datamodule.setup("test")
     threads = threads or torch.get_num_threads()
     ckpts = {"teacher": teacher_ckpt, "student": student_ckpt}
-    nets = {role: load_net(ckpt).eval() for role, ckpt in ckpts.items()}
+    nets = {role: load_net(ckpt, teacher_net_config(cfg) if role == "teacher" and ckpt.suffix != ".ckpt" else None).eval()
+            for role, ckpt in ckpts.items()}
     logits: dict[str, Tensor | None] = {"teacher": teacher_logits, "student": student_logits}
     if logits["teacher"] is None and cfg.get("paths", {}).get("cache_dir"):
         logits["teacher"] = cached_test_logits(teacher_ckpt, nets["teacher"], datamodule, Path(cfg.paths.cache_dir),
