@@ -234,6 +234,13 @@ def find_teacher(run_dir: Path, metrics: dict[str, Any]) -> tuple[Path, Path | N
         return teachers[0], None
 
 
+def teacher_net_config(cfg: DictConfig) -> Any:
+    """The teacher's net config, for a `teacher.ckpt_path` that is a plain weights file (no net_config inside)."""
+    from kd_lightning.teacher import compose_teacher_config
+
+    return compose_teacher_config(cfg).model
+
+
 # ---- the card ---------------------------------------------------------------------------------------------
 @dataclass
 class Side:
@@ -282,7 +289,8 @@ def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bo
         datamodule.setup("test")
     threads = threads or torch.get_num_threads()
     ckpts = {"teacher": teacher_ckpt, "student": student_ckpt}
-    nets = {role: load_net(ckpt).eval() for role, ckpt in ckpts.items()}
+    nets = {role: load_net(ckpt, teacher_net_config(cfg) if role == "teacher" and ckpt.suffix != ".ckpt" else None).eval()
+            for role, ckpt in ckpts.items()}
     logits: dict[str, Tensor | None] = {"teacher": teacher_logits, "student": student_logits}
     if logits["teacher"] is None and cfg.get("paths", {}).get("cache_dir"):
         logits["teacher"] = cached_test_logits(teacher_ckpt, nets["teacher"], datamodule, Path(cfg.paths.cache_dir),
@@ -316,6 +324,7 @@ def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bo
 
     card = {
         "run_dir": str(run_dir), "data_source": datamodule.source, "n_test": len(labels), "agreement": agreement,
+        "class_names": list(getattr(datamodule, "class_names", None) or []) or None,  # image_folder: by name
         "threads": threads if timing else None, "cpu": cpu_name() if timing else None,
         "commands": commands(run_dir, cfg, teacher_run),
         **{role: {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()} for role, s in sides.items()},
@@ -355,6 +364,7 @@ def _count(n: float) -> str:
 def markdown(card: dict[str, Any]) -> str:
     t, s = card["teacher"], card["student"]
     tq, sq = t["quality"], s["quality"]
+    names = card.get("class_names")
     not_timed = "not measured (`python -m kd_lightning.card student_run=<this dir>`)"
 
     def lat(side: dict, b: int) -> str:
@@ -398,7 +408,7 @@ def markdown(card: dict[str, Any]) -> str:
         "",
         "| class | examples | teacher | student |",
         "|---:|---:|---:|---:|",
-        *[f"| {c} | {n} | {a:.4f} | {b:.4f} |" for c, (n, a, b) in
+        *[f"| {names[c] if names else c} | {n} | {a:.4f} | {b:.4f} |" for c, (n, a, b) in
           enumerate(zip(tq["class_counts"], tq["per_class_acc"], sq["per_class_acc"]))],
         "",
         "## How each model was made",

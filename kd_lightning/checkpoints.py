@@ -82,12 +82,19 @@ def load_net(path: str | Path, net_config: Any = None) -> nn.Module:
 
     Weights that do not fit the net are an error naming the first missing or unexpected key or shape mismatch.
     """
+    from kd_lightning.models.library import initial_weights_off, load_weights
+
+    if net_config is not None and Path(path).suffix in (".pth", ".pt", ".bin", ".safetensors"):
+        # A teacher trained elsewhere (teacher.ckpt_path): a plain state_dict of the configured net, all keys strict.
+        net = instantiate(net_config, **initial_weights_off(net_config))
+        load_weights(net, path)
+        return net
     checkpoint = load_checkpoint(path)
     if net_config is None:
         net_config = checkpoint.get("net_config")
         if net_config is None:
             raise CheckpointError(f"{path} has no net_config (not written by kd-lightning): pass the model config")
-    net = instantiate(net_config)
+    net = instantiate(net_config, **initial_weights_off(net_config))  # no download: the checkpoint has the weights
     state, expected = net_state_dict(checkpoint), net.state_dict()
     name = type(net).__name__
     if missing := [k for k in expected if k not in state]:

@@ -166,10 +166,32 @@ def compare(fmt: str, reference: Tensor, exported: Tensor, atol: float, rtol: fl
                  bool((diff <= atol + rtol * reference.abs()).all()), atol, rtol)
 
 
+def add_onnx_metadata(path: str, metadata: dict[str, str]) -> None:
+    """Store `metadata` (e.g. class_names as JSON) in the ONNX file's metadata_props, read back by predict.py."""
+    import onnx
+
+    model = onnx.load(path)
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, path)
+
+
+def input_metadata(datamodule: Any) -> dict[str, str]:
+    """What a deployed file needs besides the net to read an image: class names and the eval pipeline
+    (data=image_folder); empty for the built-in datasets."""
+    if not getattr(datamodule, "class_names", None):
+        return {}
+    import json
+
+    return {key: json.dumps(value) for key, value in datamodule.state_dict().items()}
+
+
 def export_net(net: nn.Module, inputs: Tensor, path: Path, fmt: str, atol: float = 1e-4, rtol: float = 1e-4,
-               source: str = "the given inputs") -> Check:
+               source: str = "the given inputs", metadata: dict[str, str] | None = None) -> Check:
     """Write `net` as `fmt` to `path` if, run from the written file, it reproduces `net` on `inputs`; return the
-    check. The file is written to a temporary name beside `path` and renamed only when it passes."""
+    check. The file is written to a temporary name beside `path` and renamed only when it passes. `metadata`
+    goes into an ONNX file's metadata_props."""
     if fmt not in WRITERS:
         raise ConfigError(f"formats: {fmt!r} is not accepted: any of {', '.join(SUFFIXES)}")
     if fmt == "onnx":
@@ -181,6 +203,8 @@ def export_net(net: nn.Module, inputs: Tensor, path: Path, fmt: str, atol: float
 
     def write_and_check(tmp: str) -> None:
         write(net, inputs[: min(len(inputs), 8)], tmp)
+        if metadata and fmt == "onnx":
+            add_onnx_metadata(tmp, metadata)
         result.append(compare(fmt, reference, batched(run(tmp), inputs), atol, rtol))
         if not result[0].passed:
             raise ExportMismatch(result[0].line(path, source))
@@ -204,7 +228,7 @@ def export(cfg: DictConfig) -> list[Check]:
     checks = []
     for fmt in formats:
         path = out_dir / f"{ckpt.stem}{SUFFIXES[fmt]}"
-        check = export_net(net, inputs, path, fmt, cfg.atol, cfg.rtol, datamodule.source)
+        check = export_net(net, inputs, path, fmt, cfg.atol, cfg.rtol, datamodule.source, input_metadata(datamodule))
         print(check.line(path, datamodule.source), flush=True)
         checks.append(check)
     return checks

@@ -50,7 +50,11 @@ log = logging.getLogger(__name__)
 
 # What the teacher shares with the run it teaches: which examples, split how, read from where.
 DATA_IDENTITY_KEYS = ("_target_", "data_dir", "num_classes", "train_val_split", "split_seed", "download",
-                      "offline_fallback")
+                      "offline_fallback",
+                      # data=image_folder: the folder, and how its images become inputs (the teacher sees the
+                      # student's eval views through the logit cache, so it is trained on the same ones)
+                      "_recursive_", "root", "channels", "image_size", "train_transforms", "eval_transforms",
+                      "normalization", "stats_sample", "require_test", "hash_content", "cache_dir")
 
 # Keys of the resolved teacher config left out of its cache key, because they cannot change its weights.
 NOT_IN_KEY = (
@@ -59,6 +63,8 @@ NOT_IN_KEY = (
     "trainer_choice",                              # the trainer config it selected is in the key
     "data.data_dir", "data.download", "data.offline_fallback",  # where data is read from: the source found is in the key
     "data.num_workers", "data.pin_memory", "data.persistent_workers",  # how fast it is read
+    # image_folder: its content is in the key through the source (image_folder:<fingerprint>), not its path
+    "data.root", "data.verify_images", "data.cache_decoded", "data.cache_dir", "data.hash_content",
     "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
     "callbacks.progress_bar", "callbacks.lr_monitor", "callbacks.timer",  # what is shown or logged

@@ -30,6 +30,7 @@ from kd_lightning.config import is_distillation
 from kd_lightning.errors import ConfigError, Interrupted, exit_on_error
 from kd_lightning.launch import is_first_rank, wait_for_file
 from kd_lightning.methods import check_method, get_method
+from kd_lightning.models.library import check_net
 from kd_lightning.models.stats import count_params
 from kd_lightning.run_dir import (
     apply_resume_changes,
@@ -97,6 +98,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **{f"last/{k}": float(v) for k, v in last_metrics.items()},
         **fit_facts(best),
         "data_source": datamodule.source,
+        "class_names": getattr(datamodule, "class_names", None),  # image_folder: predictions by name
+        "normalization": {"mean": datamodule.mean, "std": datamodule.std},  # the values the inputs were standardized with
         "params": count_params(module.net),
         "teacher_params": count_params(module.teacher) if getattr(module, "teacher", None) is not None else None,
         "best_ckpt": str(best.best_model_path),
@@ -173,7 +176,9 @@ def check_same_teachers(run_dir: Path, teacher_ckpts: list[Path], shas: list[str
 
 def load_teacher(run_cfg: DictConfig, ckpt: Path) -> nn.Module:
     """The teacher net named by `run_cfg.teacher`, rebuilt from its checkpoint."""
-    return load_net(ckpt, compose_teacher_config(run_cfg).model)
+    teacher = load_net(ckpt, compose_teacher_config(run_cfg).model)
+    check_net(teacher, f"teacher {ckpt}")
+    return teacher
 
 
 def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpts: list[Path]) -> Run:
@@ -186,6 +191,7 @@ def build(cfg: DictConfig, datamodule: pl.LightningDataModule, teacher_ckpts: li
 
     pl.seed_everything(cfg.seed, workers=True)  # after the teacher, so a cached one changes nothing
     net = instantiate(cfg.model)
+    check_net(net, "model")  # the attributes the modules read, one line naming a missing one (docs/models.md)
     module = instantiate(cfg.module, net=net, **module_kwargs)
     module.net_config = OmegaConf.to_container(cfg.model, resolve=True)  # set after: instantiate would build it
     if not getattr(module, "compile_net", False):  # Lightning's model summary counts FLOPs on one example (0 without)

@@ -535,7 +535,7 @@ def test_bad_method_settings_are_one_line_config_errors(override: str, message: 
 
 def test_feature_method_on_a_net_without_maps_says_what_to_use() -> None:
     cfg = compose_train_config(["experiment=soft", "distill.method=fitnet"])  # the MLP student
-    with pytest.raises(ConfigError, match=r"declares none \(feature_layers\): use a conv net \(e.g. model=mnist_conv_student\)"):
+    with pytest.raises(ConfigError, match=r"declares none \(its feature_layers attribute, docs/models.md\): set distill.fitnet.student_layer .* \(e.g. model=mnist_conv_student"):
         check_method(cfg)
 
 
