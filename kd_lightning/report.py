@@ -211,13 +211,33 @@ def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def setting_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The settings, besides the headline ones (method, group, T, alpha) and seed, whose value differs between
-    two jobs that both have it, in config order."""
-    values: dict[str, set[str]] = defaultdict(set)
-    for row in rows:
-        for key, value in row["settings"].items():
-            values[key].add(canonical(value))
-    return [k for k, v in values.items() if len(v) > 1 and k not in HEADLINE and k != "seed"]
+    """The settings, besides the headline ones (method, group, T, alpha) and seed, in which jobs differ (in value,
+    or some jobs have them and others not: `+trainer.gradient_clip_val=1`), in config order. Not a column: a
+    difference that follows from another column, i.e. the keys of a node whose class (`_target_`) differs, unless
+    they differ between jobs of one class (`model=mlp_784_16_10,mnist_conv_student` adds `model._target_`, not
+    `model.hidden`), and distill.* / teacher.*, which teacher runs do not have (group says "teacher")."""
+    recorded = [row for row in rows if row["settings"]]  # a job with no readable config says nothing here
+    keys: dict[str, None] = {}
+    for row in recorded:
+        keys.update(dict.fromkeys(row["settings"]))
+
+    def values(key: str, among: list[dict[str, Any]]) -> set[str]:
+        return {canonical(r["settings"][key]) if key in r["settings"] else _MISSING for r in among}
+
+    classes = {k for k in keys if k.endswith("._target_") and len(values(k, recorded)) > 1}
+
+    def is_column(key: str) -> bool:
+        parts = key.split(".")
+        owners = [o for i in range(len(parts) - 1, 0, -1) if (o := ".".join(parts[:i]) + "._target_") in classes and o != key]
+        if owners:
+            by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for r in recorded:
+                by_class[canonical(r["settings"].get(owners[0]))].append(r)
+            return any(len(values(key, same)) > 1 for same in by_class.values())
+        found = values(key, recorded)
+        return len(found) > 1 and not (parts[0] in ("distill", "teacher") and _MISSING in found and len(found) == 2)
+
+    return [k for k in keys if k not in HEADLINE and k != "seed" and is_column(k)]
 
 
 def csv_columns(rows: list[dict[str, Any]]) -> list[str]:

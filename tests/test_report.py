@@ -105,6 +105,16 @@ def test_rows_group_only_jobs_identical_but_for_the_seed(tmp_path: Path) -> None
     assert "**(best)**" in table[2][0] and table[2][col["val acc"]] == "0.9500"
 
 
+def test_a_key_only_some_jobs_have_is_a_column_unless_another_column_explains_it(tmp_path: Path) -> None:
+    jobs = [[], ["+trainer.gradient_clip_val=1.0"], ["model=mnist_conv_student"]]
+    for num, overrides in enumerate(jobs):
+        record_job(tmp_path, num, [*STUDENT, *overrides], 0.5 + num / 10)
+    table = table_rows(markdown_table(load_results(tmp_path)))
+    head = table[0]
+    assert head[4:7] == ["model._target_", "trainer.gradient_clip_val", "runs"]  # not model.hidden: another class's
+    assert sorted(r[5] for r in table[2:]) == ["-", "-", "1"]
+
+
 def test_a_methods_own_settings_get_columns_where_they_act(tmp_path: Path) -> None:
     jobs = [["distill.method=dkd", "distill.dkd.beta=4"], ["distill.method=dkd", "distill.dkd.beta=8"],
             ["distill.method=kd", "distill.dkd.beta=8"], ["distill.method=kd", "distill.dkd.beta=4"]]
