@@ -100,9 +100,10 @@ class CheckAccelerator(Callback):
     by validate_config; a sweep's jobs are checked each, and their failure recorded.)"""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not config.get("resume"):
+        trainer = config.get("trainer")  # card.py and tracin.py configs have none
+        if trainer is not None and not config.get("resume"):
             with exit_on_error(logging.getLogger(__name__)):
-                check_accelerator(config.trainer)
+                check_accelerator(trainer)
 
 
 def check_num_classes(what: str, model_cfg: DictConfig, datamodule: Any) -> None:

@@ -155,9 +155,8 @@ def test_checkpoints_are_written_atomically_in_their_own_dir(tmp_path: Path, mon
     assert dst == ckpt and src.parent == ckpt.parent  # the temporary file is never on another filesystem
     before = ckpt.read_bytes()
 
-    def disk_full(obj, f, *args, **kwargs):  # the disk fills up half way through the checkpoint
-        with open(f, "wb") as out:
-            out.write(b"x" * 1000)
+    def disk_full(obj, f, *args, **kwargs):  # the disk fills up half way through the checkpoint (f: an open file)
+        f.write(b"x" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
