@@ -221,7 +221,8 @@ class TwoScaleStudent(nn.Module):
 def test_at_pairs_maps_of_different_sizes_with_the_mnist_teacher() -> None:
     torch.manual_seed(0)
     student, teacher = TwoScaleStudent(), MnistCNN()
-    module = DistillModule(student, teacher, optimizer=partial(torch.optim.SGD, lr=0.1), method="at")
+    module = DistillModule(student, teacher, optimizer=partial(torch.optim.SGD, lr=0.1), method="at",
+                           method_hparams=defaults("at")["at"])
     module.build_method((1, 28, 28))  # refused before: maps of the same height and width only
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     loss = module.training_step((x, y, torch.arange(4)), 0)
@@ -292,7 +293,8 @@ def test_rkd_and_dist_skip_their_relational_terms_on_a_batch_of_one_and_count_it
     torch.manual_seed(0)
     for method, relational in (("rkd", ("distance_loss", "angle_loss")), ("dist", ("intra_loss",))):
         teacher = MnistCNN()
-        module = DistillModule(MnistConvStudent(), teacher, optimizer=partial(torch.optim.SGD, lr=0.1), method=method)
+        module = DistillModule(MnistConvStudent(), teacher, optimizer=partial(torch.optim.SGD, lr=0.1), method=method,
+                               method_hparams=defaults(method)[method])
         module.build_method((1, 28, 28))
         x, y = torch.randn(1, 1, 28, 28), torch.tensor([3])
         terms = module.method(module_step(module, x, y))
@@ -818,7 +820,8 @@ def test_val_soft_loss_is_the_kd_term_at_the_methods_own_temperature(method: str
     torch.manual_seed(0)
     student = MnistConvStudent()
     module = DistillModule(student, MnistCNN(), optimizer=partial(torch.optim.SGD, lr=0.1), method=method,
-                           T=2.0 if not standardized else 5.0, logit_standardization=standardized)
+                           method_hparams=defaults(method).get(method), T=2.0 if not standardized else 5.0,
+                           **({"logit_standardization": True} if standardized else {}))
     teacher_logits = torch.randn(6, 10) * 3
     module.use_cached_teacher_logits({"val": teacher_logits})
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
