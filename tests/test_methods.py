@@ -638,6 +638,21 @@ def test_every_method_trains_on_mnist(tmp_path: Path, method: str, standardized:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["rkd", "dist"])
+def test_a_ragged_last_batch_of_one_trains_and_is_reported(tmp_path: Path, method: str, mnist_teachers: list[Path],
+                                                           mnist_logits: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 22 point 5 through train.py: the sample's 3,200 training digits in batches of 457 end on a batch of one."""
+    shutil.copytree(mnist_logits, tmp_path / "logs" / "teachers" / "logits", ignore=shutil.ignore_patterns("*.lock"))
+    with caplog.at_level("WARNING", logger="kd_lightning.modules.distill"):
+        result = train_method(tmp_path, method, "experiment=soft", "model=mnist_conv_student", "data.batch_size=457",
+                              "~trainer.limit_train_batches", f"teacher.ckpt_path={mnist_teachers[0]}",
+                              "data.download=false", f"paths.data_dir={tmp_path / 'data'}")
+    assert result["epochs"] == 1 and math.isfinite(result["test/loss"])
+    assert f"distill.method={method}: 1 training batch(es) of fewer than 2 examples had no relational term this epoch" \
+        in caplog.text
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_on_fake_cifar(tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvision
