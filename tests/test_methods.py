@@ -537,7 +537,7 @@ def test_bad_method_settings_are_one_line_config_errors(override: str, message: 
 
 def test_feature_method_on_a_net_without_maps_says_what_to_use() -> None:
     cfg = compose_train_config(["experiment=soft", "distill.method=fitnet"])  # the MLP student
-    with pytest.raises(ConfigError, match=r"declares none \(feature_layers\): use a conv net \(e.g. model=mnist_conv_student\)"):
+    with pytest.raises(ConfigError, match=r"declares none \(its feature_layers attribute, docs/models.md\): set distill.fitnet.student_layer .* \(e.g. model=mnist_conv_student"):
         check_method(cfg)
 
 
@@ -581,6 +581,35 @@ QUICK = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.lim
          "logger=[]", "callbacks.periodic_checkpoint=null", "callbacks.lr_monitor=null"]
 
 
+@pytest.fixture
+def watched(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The student's weights when fit starts and every training loss, recorded from inside the run."""
+    from kd_lightning.modules import ClassifierModule
+
+    seen: dict = {"losses": []}
+    on_fit_start, log_train_terms = ClassifierModule.on_fit_start, ClassifierModule.log_train_terms
+
+    def record_start(self) -> None:
+        seen["initial"] = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        on_fit_start(self)
+
+    def record_terms(self, terms: dict, n: int) -> None:
+        seen["losses"].append(float(terms["loss"].detach()))
+        log_train_terms(self, terms, n)
+
+    monkeypatch.setattr(ClassifierModule, "on_fit_start", record_start)
+    monkeypatch.setattr(ClassifierModule, "log_train_terms", record_terms)
+    return seen
+
+
+def assert_student_trained(result: dict, seen: dict) -> None:
+    """Every training loss was finite and the student's weights moved (a loss without gradient leaves them)."""
+    assert seen["losses"] and all(math.isfinite(loss) for loss in seen["losses"])
+    trained = torch.load(result["best_ckpt"], weights_only=True)["state_dict"]
+    moved = [k for k, v in seen["initial"].items() if v.is_floating_point() and not torch.equal(trained[f"net.{k}"], v)]
+    assert moved, "no weight of the student changed"
+
+
 def train_method(tmp_path: Path, method: str, *overrides: str) -> dict:
     from kd_lightning.train import train
 
@@ -619,7 +648,7 @@ def mnist_logits(tmp_path_factory: pytest.TempPathFactory, mnist_teachers: list[
 @pytest.mark.parametrize(("method", "standardized"), [*((m, False) for m in METHODS),
                                                      ("kd", True), ("dkd", True), ("multi_teacher", True)])
 def test_every_method_trains_on_mnist(tmp_path: Path, method: str, standardized: bool, mnist_teachers: list[Path],
-                                      mnist_logits: Path) -> None:
+                                      mnist_logits: Path, watched: dict) -> None:
     shutil.copytree(mnist_logits, tmp_path / "logs" / "teachers" / "logits", ignore=shutil.ignore_patterns("*.lock"))
     teachers = f"distill.multi_teacher.teachers=[{{experiment: teacher, ckpt_path: {mnist_teachers[0]}}}, " \
                f"{{experiment: teacher, ckpt_path: {mnist_teachers[1]}}}]"
@@ -627,6 +656,7 @@ def test_every_method_trains_on_mnist(tmp_path: Path, method: str, standardized:
                           f"teacher.ckpt_path={mnist_teachers[0]}", teachers, "data.download=false",
                           f"paths.data_dir={tmp_path / 'data'}", f"distill.logit_standardization={str(standardized).lower()}")
     assert 0 <= result["test/acc"] <= 1 and result["epochs"] == 1
+    assert_student_trained(result, watched)
     if get_method(method).uses_teacher:
         assert math.isfinite(result["test/soft_loss"])
     uses_teacher = get_method(method).uses_teacher
@@ -654,7 +684,8 @@ def test_a_ragged_last_batch_of_one_trains_and_is_reported(tmp_path: Path, metho
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_trains_on_fake_cifar(tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_method_trains_on_fake_cifar(tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch,
+                                           watched: dict) -> None:
     import torchvision
 
     from fake_data import write_cifar10
@@ -673,6 +704,7 @@ def test_every_method_trains_on_fake_cifar(tmp_path: Path, method: str, monkeypa
                           f"teacher.overrides=['{small}']", teachers, "data.download=false",
                           f"paths.data_dir={tmp_path / 'data'}", "data.batch_size=8", "data.num_workers=0")
     assert 0 <= result["test/acc"] <= 1 and result["epochs"] == 1
+    assert_student_trained(result, watched)
     assert result["params"] == sum(p.numel() for p in CifarResNet([1, 1, 1, 1], stages=2).parameters())
 
 

@@ -12,15 +12,22 @@ declared here, never how a DataModule stores its examples, so they work on every
 - per split (`train`, `val`, `test`): `split_size(split)`, `raw_images(split, indices)` (the stored pixels, for
   figures and files) and `eval_loader(split)` (the split in dataset order, un-augmented, batches
   `(inputs, labels, dataset_indices)`);
-- `cache_identity()`: what fixes every split's examples and un-augmented inputs, the key of per-example caches.
+- `cache_identity()`: what fixes every split's examples and un-augmented inputs, the key of per-example caches
+  and (through the teacher's data identity) of the teacher cache. It includes `content`, the fingerprint of the
+  files `setup()` read (`data_files()`, see kd_lightning/data/fingerprint.py), so that other files of the same
+  count and shape never reuse a cache built on the old ones.
 
 How a DataModule stores its splits (`splits`: tensors for MNIST, dataset views for CIFAR) is its own business.
 """
 
 from collections.abc import Iterable, Sequence
 
+from pathlib import Path
+
 import pytorch_lightning as pl
 from torch import Tensor
+
+from kd_lightning.data.fingerprint import files_digest
 
 SPLITS = ("train", "val", "test")
 
@@ -49,9 +56,20 @@ class KDDataModule(pl.LightningDataModule):
         """`split` in dataset order, without random augmentation (for teacher-logit caches and influence)."""
         raise NotImplementedError
 
+    def data_files(self) -> list[tuple[str, Path]]:
+        """The files `setup()` read, as `(stable name, path)` pairs (after setup)."""
+        raise NotImplementedError
+
+    def content_fingerprint(self) -> str:
+        """sha256 over the content of `data_files()` (memoized by path, size and mtime)."""
+        if getattr(self, "_content_fingerprint", None) is None:
+            self._content_fingerprint = files_digest(self.data_files(), hash_content=getattr(self, "hash_content", True))
+        return self._content_fingerprint
+
     def cache_identity(self) -> dict:
         """What fixes every split's examples and un-augmented inputs: the key of caches of per-example outputs."""
         return {
+            "content": self.content_fingerprint(),
             "datamodule": type(self).__name__,
             "source": self.source,
             "split_seed": self.split_seed,

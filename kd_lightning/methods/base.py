@@ -9,6 +9,7 @@ as `self.method`, so those parts are saved under `method.*` in the student check
 student's parameters.
 """
 
+import difflib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -232,7 +233,9 @@ def find_module(net: nn.Module, spec: str, role: str) -> nn.Module:
     try:
         return net.get_submodule(path)
     except AttributeError:
-        names = [n for n, _ in net.named_modules() if n][:12]
+        all_names = [n for n, _ in net.named_modules() if n]
+        near = difflib.get_close_matches(path, all_names, n=8, cutoff=0.5)  # the valid paths nearest the typo
+        names = near or [n for n in all_names if "." not in n][:12]
         raise ConfigError(f"{role} layer {spec!r} is not a module of {type(net).__name__}; "
                           f"accepted: module paths such as {', '.join(names)}") from None
 
@@ -249,7 +252,8 @@ def default_feature_layers(net: nn.Module, role: str, key: str) -> list[str]:
     layers = list(getattr(net, "feature_layers", ()))
     if not layers:
         raise ConfigError(f"{key}=null needs the {role} net to declare feature maps, but {type(net).__name__} "
-                          f"declares none (feature_layers): use a conv net (e.g. model=mnist_conv_student) or set {key}")
+                          f"declares none (its feature_layers attribute, docs/models.md): set {key} to module paths of it, "
+                          f"or use a net that declares them (e.g. model=mnist_conv_student, model=timm)")
     return layers
 
 
