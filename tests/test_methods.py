@@ -221,7 +221,8 @@ class TwoScaleStudent(nn.Module):
 def test_at_pairs_maps_of_different_sizes_with_the_mnist_teacher() -> None:
     torch.manual_seed(0)
     student, teacher = TwoScaleStudent(), MnistCNN()
-    module = DistillModule(student, teacher, optimizer=partial(torch.optim.SGD, lr=0.1), method="at")
+    module = DistillModule(student, teacher, optimizer=partial(torch.optim.SGD, lr=0.1), method="at",
+                           method_hparams=defaults("at")["at"])
     module.build_method((1, 28, 28))  # refused before: maps of the same height and width only
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     loss = module.training_step((x, y, torch.arange(4)), 0)
@@ -292,7 +293,8 @@ def test_rkd_and_dist_skip_their_relational_terms_on_a_batch_of_one_and_count_it
     torch.manual_seed(0)
     for method, relational in (("rkd", ("distance_loss", "angle_loss")), ("dist", ("intra_loss",))):
         teacher = MnistCNN()
-        module = DistillModule(MnistConvStudent(), teacher, optimizer=partial(torch.optim.SGD, lr=0.1), method=method)
+        module = DistillModule(MnistConvStudent(), teacher, optimizer=partial(torch.optim.SGD, lr=0.1), method=method,
+                               method_hparams=defaults(method)[method])
         module.build_method((1, 28, 28))
         x, y = torch.randn(1, 1, 28, 28), torch.tensor([3])
         terms = module.method(module_step(module, x, y))
@@ -666,6 +668,21 @@ def test_every_method_trains_on_mnist(tmp_path: Path, method: str, standardized:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["rkd", "dist"])
+def test_a_ragged_last_batch_of_one_trains_and_is_reported(tmp_path: Path, method: str, mnist_teachers: list[Path],
+                                                           mnist_logits: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 22 point 5 through train.py: the sample's 3,200 training digits in batches of 457 end on a batch of one."""
+    shutil.copytree(mnist_logits, tmp_path / "logs" / "teachers" / "logits", ignore=shutil.ignore_patterns("*.lock"))
+    with caplog.at_level("WARNING", logger="kd_lightning.modules.distill"):
+        result = train_method(tmp_path, method, "experiment=soft", "model=mnist_conv_student", "data.batch_size=457",
+                              "~trainer.limit_train_batches", f"teacher.ckpt_path={mnist_teachers[0]}",
+                              "data.download=false", f"paths.data_dir={tmp_path / 'data'}")
+    assert result["epochs"] == 1 and math.isfinite(result["test/loss"])
+    assert f"distill.method={method}: 1 training batch(es) of fewer than 2 examples had no relational term this epoch" \
+        in caplog.text
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_on_fake_cifar(tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch,
                                            watched: dict) -> None:
@@ -850,7 +867,8 @@ def test_val_soft_loss_is_the_kd_term_at_the_methods_own_temperature(method: str
     torch.manual_seed(0)
     student = MnistConvStudent()
     module = DistillModule(student, MnistCNN(), optimizer=partial(torch.optim.SGD, lr=0.1), method=method,
-                           T=2.0 if not standardized else 5.0, logit_standardization=standardized)
+                           method_hparams=defaults(method).get(method), T=2.0 if not standardized else 5.0,
+                           **({"logit_standardization": True} if standardized else {}))
     teacher_logits = torch.randn(6, 10) * 3
     module.use_cached_teacher_logits({"val": teacher_logits})
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))

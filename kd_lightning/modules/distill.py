@@ -69,6 +69,7 @@ class DistillModule(ClassifierModule):
         self.method.bind(net, self.teacher)
         self.needs_teacher = self.method.needs_teacher_targets or bool(self.method.teacher_layers)
         self.method_built = False
+        self.skipped_reported = 0  # the method's small_batches_skipped already reported (on_train_epoch_end)
         self.cached_splits: set[str] = set()
         if self.teacher is None:
             return
@@ -178,9 +179,12 @@ class DistillModule(ClassifierModule):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        if skipped := self.method.small_batches_skipped:  # relational methods on a batch of one (a ragged last)
+        # Relational terms left out on batches too small for them (a ragged last batch of one): said per epoch.
+        skipped, self.skipped_reported = self.method.small_batches_skipped - self.skipped_reported, \
+            self.method.small_batches_skipped
+        if skipped:
             log.warning("distill.method=%s: %d training batch(es) of fewer than %d examples had no relational term "
-                        "so far", self.method.name, skipped, self.method.min_batch)
+                        "this epoch", self.method.name, skipped, self.method.min_batch)
             self.log("train/small_batches_skipped", float(skipped))
 
     def _eval_step(self, stage: str, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
