@@ -43,6 +43,7 @@ PLACEHOLDERS = {  # what a user would type for each placeholder; paths need not 
     "<fake or real CIFAR-100>": "cifar100",
     "$SLURM_JOB_ID": "1234",
     "DIR": "data/images",
+    "<image file or folder>": "data/images/test",
     "=...": "=logs/train/runs/x",  # `student_run=...`; a bare `...` (more overrides) is dropped
 }
 HYDRA_CONFIGS = {  # entry point -> its primary config

@@ -4,7 +4,7 @@ student, and only for setups the stacked loop reproduces exactly (otherwise: the
 import copy
 from typing import Any
 
-from hydra.utils import get_class
+from hydra.utils import get_class, get_object
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.batched.stacked import DTYPES
@@ -51,7 +51,7 @@ def not_batchable(cfg: DictConfig) -> str | None:
         cfg.paths.output_dir = "/job"  # ${hydra:...} resolves inside a job only; the value does not matter here
     if not issubclass(get_class(cfg.module._target_), DistillModule):
         return "not a distillation run"
-    if get_class(cfg.model._target_) is not MLP or cfg.model.get("dropout", 0) != 0:
+    if get_object(cfg.model._target_) is not MLP or cfg.model.get("dropout", 0) != 0:
         return "the model is not an MLP without dropout"
     if not issubclass(get_class(cfg.data._target_), MNISTDataModule):
         return "the data is not an MNIST-style DataModule (no random augmentation)"
