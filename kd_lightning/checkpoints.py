@@ -43,6 +43,14 @@ NET_PREFIX = "net."
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint read by `read_checkpoint_file`; one without a state_dict is a CheckpointError too."""
+    checkpoint = read_checkpoint_file(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no state_dict")
+    return checkpoint
+
+
+def read_checkpoint_file(path: str | Path) -> Any:
     """torch.load with weights_only=True, on the CPU; every failure is a one-line CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
@@ -60,8 +68,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({first_line})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no state_dict")
     return checkpoint
 
 
@@ -76,12 +82,19 @@ def load_net(path: str | Path, net_config: Any = None) -> nn.Module:
 
     Weights that do not fit the net are an error naming the first missing or unexpected key or shape mismatch.
     """
+    from kd_lightning.models.library import initial_weights_off, load_weights
+
+    if net_config is not None and Path(path).suffix in (".pth", ".pt", ".bin", ".safetensors"):
+        # A teacher trained elsewhere (teacher.ckpt_path): a plain state_dict of the configured net, all keys strict.
+        net = instantiate(net_config, **initial_weights_off(net_config))
+        load_weights(net, path)
+        return net
     checkpoint = load_checkpoint(path)
     if net_config is None:
         net_config = checkpoint.get("net_config")
         if net_config is None:
             raise CheckpointError(f"{path} has no net_config (not written by kd-lightning): pass the model config")
-    net = instantiate(net_config)
+    net = instantiate(net_config, **initial_weights_off(net_config))  # no download: the checkpoint has the weights
     state, expected = net_state_dict(checkpoint), net.state_dict()
     name = type(net).__name__
     if missing := [k for k in expected if k not in state]:

@@ -10,7 +10,6 @@ these errors wrapped by Hydra's `instantiate` (its InstantiationException) print
 
 import errno
 import logging
-import shlex
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -47,9 +46,9 @@ class Interrupted(Exception):
     """The fit was stopped by Ctrl-C or SIGTERM after saving checkpoints/interrupted.ckpt."""
 
     def __init__(self, output_dir: Path, sigterm: bool) -> None:
-        # Quoted for the shell: the command is meant to be pasted, and run dirs may hold spaces.
-        super().__init__(f"interrupted by {'SIGTERM' if sigterm else 'Ctrl-C'}; resume with: "
-                         f"python train.py {shlex.quote(f'resume={output_dir}')}")
+        from kd_lightning.run_dir import resume_command  # quoted for the shell and Hydra's lexer: it is pasted
+
+        super().__init__(f"interrupted by {'SIGTERM' if sigterm else 'Ctrl-C'}; resume with: {resume_command(output_dir)}")
         self.exit_code = 143 if sigterm else 130  # the shell's codes for death by SIGTERM / SIGINT
 
 

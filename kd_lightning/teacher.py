@@ -50,15 +50,21 @@ log = logging.getLogger(__name__)
 
 # What the teacher shares with the run it teaches: which examples, split how, read from where.
 DATA_IDENTITY_KEYS = ("_target_", "data_dir", "num_classes", "train_val_split", "split_seed", "download",
-                      "offline_fallback")
+                      "offline_fallback",
+                      # data=image_folder: the folder, and how its images become inputs (the teacher sees the
+                      # student's eval views through the logit cache, so it is trained on the same ones)
+                      "_recursive_", "root", "channels", "image_size", "train_transforms", "eval_transforms",
+                      "normalization", "stats_sample", "require_test", "hash_content", "cache_dir")
 
 # Keys of the resolved teacher config left out of its cache key, because they cannot change its weights.
 NOT_IN_KEY = (
     "paths",                                       # where data, logs and caches live
-    "task_name", "optimized_metric", "ckpt_path", "resume",
+    "task_name", "optimized_metric", "ckpt_path", "resume", "tags", "extras",
     "trainer_choice",                              # the trainer config it selected is in the key
     "data.data_dir", "data.download", "data.offline_fallback",  # where data is read from: the source found is in the key
     "data.num_workers", "data.pin_memory", "data.persistent_workers",  # how fast it is read
+    # image_folder: its content is in the key through the source (image_folder:<fingerprint>), not its path
+    "data.root", "data.verify_images", "data.cache_decoded", "data.cache_dir", "data.hash_content",
     "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
     "callbacks.progress_bar", "callbacks.lr_monitor", "callbacks.timer",  # what is shown or logged
@@ -229,6 +235,17 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def given_teacher(path: Path, model_cfg: DictConfig, cache_dir: str | Path) -> Path:
+    """The checkpoint of `teacher.ckpt_path=<path>`: a Lightning checkpoint as it is; a released teacher file
+    (`ckpt_epoch_240.pth`: a dict with `model` or `net`) loaded strictly into `model_cfg`'s net and converted once
+    into the cache (kd_lightning/models/cifar100/released.py)."""
+    from kd_lightning.models.cifar100.released import read_released, released_as_checkpoint
+
+    if read_released(path) is None:
+        return path
+    return released_as_checkpoint(path, model_cfg, cache_dir, file_sha256(path))
 
 
 # ---- the cache of teacher logits ----------------------------------------------------------------------------

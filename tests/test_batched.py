@@ -245,7 +245,7 @@ def test_grouping_and_fallback_reasons(common: list[str], tmp_path: Path) -> Non
 def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path: Path) -> None:
     """`python train.py -m ... hydra/launcher=batched`: batchable jobs train together, the others (a CNN
     student) the ordinary way; every job dir as the basic launcher writes it, and the sweep report."""
-    from helpers import run_script
+    from helpers import job_dir, run_script
 
     sweep = tmp_path / "sweep"
     overrides = [o for o in common if not o.startswith("+trainer.precision")]
@@ -253,8 +253,12 @@ def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path
                       f"hydra.sweep.dir={sweep}", "distill.T=2,4", "model=mlp_784_16_10,mnist_cnn")
     assert "Training jobs [0, 2] together" in proc.stdout + proc.stderr
     assert "Jobs [1, 3] run one by one (the model is not an MLP without dropout)" in proc.stdout + proc.stderr
+    # Job dirs named by what the sweep varies, as the basic launcher names them.
+    assert [job_dir(sweep, j).name for j in range(4)] == [
+        "000_distill.T:2+model:mlp_784_16_10", "001_distill.T:2+model:mnist_cnn",
+        "002_distill.T:4+model:mlp_784_16_10", "003_distill.T:4+model:mnist_cnn"]
     for job in range(4):
-        d = sweep / str(job)
+        d = job_dir(sweep, job)
         assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= {p.name for p in (d / ".hydra").iterdir()}
         job_cfg = OmegaConf.load(d / ".hydra" / "config.yaml")  # its own config (the launcher reuses the checked ones)
         assert OmegaConf.load(d / ".hydra" / "overrides.yaml")[-2:] == [f"distill.T={job_cfg.distill.T}",
@@ -262,7 +266,7 @@ def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path
         metrics = json.loads((d / "metrics.json").read_text())
         assert metrics["epochs"] == 2 and metrics["output_dir"] == str(d)
         assert {"best.ckpt", "last.ckpt", "epoch001.ckpt"} <= {p.name for p in (d / "checkpoints").iterdir()}
-    keys = [set(json.loads((sweep / str(j) / "metrics.json").read_text())) for j in range(4)]
+    keys = [set(json.loads((job_dir(sweep, j) / "metrics.json").read_text())) for j in range(4)]
     assert keys[0] == keys[1] == keys[2] == keys[3]
     assert (sweep / "results.md").is_file() and (sweep / "curves.png").is_file()
 

@@ -50,6 +50,7 @@ from kd_lightning.summary import hp_metrics_of, hparams_of
 from kd_lightning.sweeps import write_json
 from kd_lightning.teacher import cached_teacher_logits, compose_teacher_config
 from kd_lightning.tensorboard_figures import N_EXAMPLES, log_test_figures
+from kd_lightning.trackers import finish_run
 from kd_lightning.train import ensure_teacher, fit_facts, prepare_data
 from kd_lightning.validation import validate_config
 
@@ -573,11 +574,11 @@ def finish(s: Student, datamodule: Any, logits: dict[str, Tensor], card_teacher_
     }
     for lg in s.logger:
         lg.log_hyperparams(hparams_of(job.cfg, datamodule.source), hp_metrics_of(result))
-        lg.finalize("success")
     (job.dir / "failed.json").unlink(missing_ok=True)
     write_json(job.dir / "metrics.json", {**result, "overrides": job.overrides, "config": job.settings()})
     # the cheap model card, as every distillation run writes (the student's test logits are its own: cheap)
     write_card(job.dir, job.cfg, datamodule=datamodule, teacher_logits=card_teacher_logits)
+    finish_run(s.logger, job.dir)  # trackers (logger=mlflow, ...) get the job's files, then every logger is closed
     return result
 
 
