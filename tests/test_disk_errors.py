@@ -20,6 +20,7 @@ import kd_lightning.checkpoints as checkpoints
 import kd_lightning.sweeps as sweeps
 from kd_lightning.checkpoints import atomic_torch_save, atomic_write_text
 from kd_lightning.errors import ConfigError, disk_error_message, exit_on_error
+from kd_lightning.sweeps import job_dirs, job_number
 from kd_lightning.train import main
 
 ERRNOS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
@@ -136,12 +137,13 @@ def test_a_refused_temporary_file_is_named_by_its_destination(tmp_path: Path, mo
 
 
 # ---- a whole run: one line, exit 1 ----------------------------------------------------------------------------
-def failing_checkpoint_save(code: int, where: str):
-    """checkpoints.torch_save_file raising `code` for files under `where` (as the disk would: no file name)."""
+def failing_checkpoint_save(code: int, where):
+    """checkpoints.torch_save_file raising `code` for files whose path `where` accepts (as the disk would: no
+    file name)."""
     real = checkpoints.torch_save_file
 
     def save(obj: object, path: str | Path) -> None:
-        if where in str(path):
+        if where(str(path)):
             raise OSError(code, os.strerror(code))
         real(obj, path)
 
@@ -154,7 +156,7 @@ def test_a_checkpoint_write_on_a_full_disk_is_one_line(tmp_path: Path, monkeypat
                                                        capsys: pytest.CaptureFixture, code: int) -> None:
     """Issue 25.6: a run on a full disk ended with `RuntimeError: [enforce fail at inline_container.cc:672]`
     after 88 lines and never said the disk was full."""
-    monkeypatch.setattr(checkpoints, "torch_save_file", failing_checkpoint_save(code, "checkpoints"))
+    monkeypatch.setattr(checkpoints, "torch_save_file", failing_checkpoint_save(code, lambda p: "checkpoints" in p))
     rc, output = run_train(monkeypatch, capsys, "experiment=teacher", *quick(tmp_path),
                            f"hydra.run.dir={tmp_path / 'run'}")
     assert rc == 1
@@ -230,7 +232,11 @@ def test_a_sweep_on_a_full_disk_records_what_it_can_and_reports(tmp_path: Path, 
     aborted with three chained tracebacks and no report. Here job 1's checkpoint and then its failed.json hit
     ENOSPC: the sweep goes on, the report is written from job 0, and the command exits 1 naming job 1."""
     sweep_dir = tmp_path / "sweep"
-    monkeypatch.setattr(checkpoints, "torch_save_file", failing_checkpoint_save(errno.ENOSPC, f"{sweep_dir}/1/"))
+
+    def in_job_1(path: str) -> bool:
+        return path.startswith(f"{sweep_dir}/") and job_number(Path(Path(path).relative_to(sweep_dir).parts[0])) == 1
+
+    monkeypatch.setattr(checkpoints, "torch_save_file", failing_checkpoint_save(errno.ENOSPC, in_job_1))
     real_write_json = sweeps.write_json
 
     def write_json(path: Path, record: dict) -> None:
@@ -243,10 +249,11 @@ def test_a_sweep_on_a_full_disk_records_what_it_can_and_reports(tmp_path: Path, 
                            f"hydra.sweep.dir={sweep_dir}", "seed=1,2")
     assert rc == 1
     assert "Traceback" not in output
-    one_line(output, "Job 1 failed", f"{sweep_dir}/1/checkpoints/", "the disk is full")
-    one_line(output, "Job 1: failed.json could not be written", "the disk is full")
-    one_line(output, "have no record", f"{sweep_dir}/1")
-    assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["config"]["seed"] == 1
-    assert not (sweep_dir / "1" / "metrics.json").exists() and not (sweep_dir / "1" / "failed.json").exists()
+    job0, job1 = job_dirs(sweep_dir)
+    one_line(output, f"Job {job1.name} failed", f"{job1}/checkpoints/", "the disk is full")
+    one_line(output, f"Job {job1.name}: failed.json could not be written", "the disk is full")
+    one_line(output, "have no record", str(job1))
+    assert json.loads((job0 / "metrics.json").read_text())["config"]["seed"] == 1
+    assert not (job1 / "metrics.json").exists() and not (job1 / "failed.json").exists()
     assert (sweep_dir / "results.csv").is_file()  # the report, from job 0
-    assert sweeps.UNRECORDED == [str(sweep_dir / "1")]
+    assert sweeps.UNRECORDED == [str(job1)]
