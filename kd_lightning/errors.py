@@ -60,9 +60,9 @@ DISK_ERRORS = {
                    "paths.cache_dir at another disk, then run the same command again"),
     errno.EROFS: ("the file system is read-only", "point paths.log_dir / paths.cache_dir (or hydra.run.dir) at a "
                   "writable directory"),
-    errno.EACCES: ("permission denied", "make it writable by this user, or point paths.log_dir / paths.cache_dir "
+    errno.EACCES: ("permission denied", "give this user access to it, or point paths.log_dir / paths.cache_dir "
                    "(or hydra.run.dir) at a directory you own"),
-    errno.EPERM: ("operation not permitted", "make it writable by this user, or point paths.log_dir / "
+    errno.EPERM: ("operation not permitted", "give this user access to it, or point paths.log_dir / "
                   "paths.cache_dir (or hydra.run.dir) at a directory you own"),
 }
 
@@ -92,7 +92,11 @@ def _unwrapped(err: BaseException) -> BaseException:
 def exit_on_error(log: logging.Logger, failures: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """The entry points' exits. Bad input: its one line, exit code 2. A NaN loss (or one of the entry point's own
     `failures`, e.g. an export that does not match), a full or read-only disk: its line, exit 1. Ctrl-C /
-    SIGTERM: 130 / 143. Hydra's InstantiationException around one of these is unwrapped."""
+    SIGTERM: 130 / 143. Hydra's InstantiationException around one of these is unwrapped.
+    A log file that cannot be written (the run dir's disk is full) prints no traceback per record (Python's
+    `logging.raiseExceptions`, meant to be off in production): the disk error is reported once, in one line,
+    by the next write of a file the run needs."""
+    raise_log_errors, logging.raiseExceptions = logging.raiseExceptions, False
     try:
         yield
     except Exception as raised:  # noqa: BLE001 - sorted below; anything else is raised as it was
@@ -110,6 +114,8 @@ def exit_on_error(log: logging.Logger, failures: tuple[type[Exception], ...] = (
             log.error("%s", message)
             sys.exit(1)
         raise
+    finally:
+        logging.raiseExceptions = raise_log_errors
 
 
 class CheckOutputDir(Callback):

@@ -83,6 +83,31 @@ def test_exit_on_error_prints_the_line_and_exits_1(caplog: pytest.LogCaptureFixt
         raise FileNotFoundError(errno.ENOENT, "No such file", "/x")
 
 
+def test_a_log_file_on_a_full_disk_prints_no_traceback_per_record(capsys: pytest.CaptureFixture) -> None:
+    """Hydra logs each run to <run dir>/train.log: on a full disk every record's write fails, which Python's
+    logging reports with a traceback each ("--- Logging error ---"). Inside exit_on_error it does not."""
+
+    class FullDisk:
+        def write(self, text: str) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log = logging.getLogger("test.full_disk_log")
+    handler = logging.StreamHandler(FullDisk())
+    log.addHandler(handler)
+    try:
+        with exit_on_error(log):
+            log.warning("a record that cannot be written")
+        assert "Traceback" not in capsys.readouterr().err
+        assert logging.raiseExceptions  # restored
+        log.warning("outside, logging reports it as always")
+        assert "--- Logging error ---" in capsys.readouterr().err
+    finally:
+        log.removeHandler(handler)
+
+
 class RefusesInConstructor:
     def __init__(self, what: str) -> None:
         if what == "config":
