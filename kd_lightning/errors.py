@@ -54,10 +54,12 @@ class Interrupted(Exception):
 
 # What a write can meet on a full, read-only or foreign disk, and what the user can do about it.
 DISK_ERRORS = {
-    errno.ENOSPC: ("the disk is full", "free space there, or point paths.log_dir / paths.cache_dir at another disk, "
-                   "then run the same command again (a run continues from its last checkpoint)"),
-    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota, or point paths.log_dir / "
-                   "paths.cache_dir at another disk, then run the same command again"),
+    errno.ENOSPC: ("the disk is full", "free space there (or point paths.log_dir / paths.cache_dir at another disk) "
+                   "and run again: resume=<run dir> continues a run from its last checkpoint, a sweep command run "
+                   "again with hydra.sweep.dir=<sweep dir> continues the sweep"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota (or point paths.log_dir / "
+                   "paths.cache_dir at another disk) and run again: resume=<run dir> continues a run from its last "
+                   "checkpoint"),
     errno.EROFS: ("the file system is read-only", "point paths.log_dir / paths.cache_dir (or hydra.run.dir) at a "
                   "writable directory"),
     errno.EACCES: ("permission denied", "give this user access to it, or point paths.log_dir / paths.cache_dir "
