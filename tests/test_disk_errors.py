@@ -282,3 +282,28 @@ def test_a_sweep_on_a_full_disk_records_what_it_can_and_reports(tmp_path: Path, 
     assert not (job1 / "metrics.json").exists() and not (job1 / "failed.json").exists()
     assert (sweep_dir / "results.csv").is_file()  # the report, from job 0
     assert sweeps.UNRECORDED == [str(job1)]
+
+
+def test_a_batched_jobs_failure_on_a_full_disk_costs_its_record_not_the_sweep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The batched launcher records a job's failure as run_sweep_job does: a failed.json the disk refuses is
+    named in one line and the job counted as unrecorded; nothing is raised into the launcher."""
+    from kd_lightning.batched.stacked import Job, record_failure
+    from kd_lightning.config import compose_train_config
+
+    job = Job(compose_train_config(["experiment=soft", f"paths.output_dir={tmp_path / 'job'}"]), ["distill.T=2"])
+
+    def full(path: Path, record: dict) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(sweeps, "write_json", full)
+    monkeypatch.setattr(sweeps, "UNRECORDED", [])
+    record_failure(job, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "job" / "last.ckpt")))
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == (f"Job job failed ({tmp_path / 'job' / 'last.ckpt'}: the disk is full (No space left on "
+                           f"device); free space there (or point paths.log_dir / paths.cache_dir at another disk) "
+                           f"and run again: resume=<run dir> continues a run from its last checkpoint, a sweep "
+                           f"command run again with hydra.sweep.dir=<sweep dir> continues the sweep); the sweep goes on")
+    assert messages[1].startswith(f"Job job: failed.json could not be written, so the job counts as unfinished "
+                                  f"({tmp_path / 'job' / 'failed.json'}: the disk is full")
+    assert sweeps.UNRECORDED == [str(tmp_path / "job")]
