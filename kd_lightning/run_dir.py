@@ -269,5 +269,6 @@ def run_record(result: Mapping[str, Any]) -> dict[str, Any]:
     """What metrics.json records of a run's `result`: the paths to its own files relative to its dir (`best_ckpt`),
     without the dir it ran in (a copied or moved run is the same run)."""
     record = {k: v for k, v in result.items() if k != "output_dir"}
-    record["best_ckpt"] = recorded_path(result["output_dir"], result["best_ckpt"])
+    if result.get("best_ckpt") and result.get("output_dir"):
+        record["best_ckpt"] = recorded_path(result["output_dir"], result["best_ckpt"])
     return record
