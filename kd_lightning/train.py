@@ -67,10 +67,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # The method's teachers (none, one, or several for multi_teacher), each cached or trained now.
     runs = get_method(cfg.distill.method).teacher_runs(cfg) if distillation else []
     teacher_ckpts = [ensure_teacher(run_cfg, datamodule) for run_cfg in runs]
+    run = build(cfg, datamodule, teacher_ckpts)  # a missing or damaged teacher checkpoint: its one line here
+    module, trainer = run.module, run.trainer
     teacher_shas = [file_sha256(c) for c in teacher_ckpts]
     check_same_teachers(cfg, output_dir, teacher_ckpts, teacher_shas)  # continuing: those of the finished epochs
-    run = build(cfg, datamodule, teacher_ckpts)
-    module, trainer = run.module, run.trainer
 
     if cfg.get("ckpt_path") == "last" and not list((output_dir / "checkpoints").glob("*.ckpt")):
         log.warning("ckpt_path=last: no checkpoint in %s yet, so training starts from the beginning", output_dir)

@@ -23,9 +23,8 @@ from helpers import offline_overrides as offline
 from helpers import run_script
 from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.config import CONF_DIR, compose_train_config
-from kd_lightning.errors import ConfigError, Interrupted
+from kd_lightning.errors import ConfigError, Interrupted, hydra_value
 from kd_lightning.eval import evaluate
-from kd_lightning.run_dir import hydra_value
 from kd_lightning.train import resume_config, train
 
 # A small net with dropout (so the resumed RNG state matters), Adadelta + StepLR (scheduler state), 3 epochs.
