@@ -28,9 +28,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kd_lightning.checkpoints import atomic_write_text, file_sha256, load_checkpoint
-from kd_lightning.config import CONF_DIR
-from kd_lightning.errors import CheckpointError, ConfigError
+# Imported by Hydra's run-dir resolver and callback in every process: torch, Lightning and the nets are imported
+# inside the functions that need them.
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +99,9 @@ def resolve_recorded(run_dir: str | Path, value: str | Path, recorded_dir: str |
 def checked_teacher(ckpt: str | Path, sha256: str | None, run_dir: str | Path) -> Path:
     """A teacher checkpoint recorded by the run `run_dir` (another run's file: an absolute path and its sha256),
     checked before use: one line if it is gone or its content changed since the run used it."""
+    from kd_lightning.checkpoints import file_sha256
+    from kd_lightning.errors import CheckpointError
+
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise CheckpointError(f"the teacher {ckpt} that {run_dir} was distilled from is gone: restore it, or "
@@ -153,6 +155,8 @@ def resumed_epoch(checkpoint: Path | None) -> int:
     """The 0-based epoch in which a fit resumed from `checkpoint` goes on (0 without one)."""
     if checkpoint is None:
         return 0
+    from kd_lightning.checkpoints import load_checkpoint
+
     state = load_checkpoint(checkpoint)
     try:
         return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
@@ -173,6 +177,9 @@ def apply_resume_changes(run_dir: str | Path, cfg: DictConfig, overrides: list[s
     (`resume_force=[key, ...]`); anything else, and any config group (model=, data=), is one line naming the key,
     its saved value and the new one. Return every change, with the epoch from which it holds (recorded in
     `RESUME_CHANGES` by the caller and in metrics.json)."""
+    from kd_lightning.config import CONF_DIR
+    from kd_lightning.errors import ConfigError
+
     earlier = recorded_resume_changes(run_dir)
     for change in earlier:
         _set(cfg, change["key"], change["to"])
@@ -228,6 +235,8 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
 
 
 def record_resume_changes(run_dir: str | Path, changes: list[dict[str, Any]]) -> None:
+    from kd_lightning.checkpoints import atomic_write_text
+
     atomic_write_text(Path(run_dir) / RESUME_CHANGES, json.dumps({"changes": changes}, indent=2))
 
 
