@@ -230,7 +230,8 @@ def test_a_sweep_on_a_full_disk_records_what_it_can_and_reports(tmp_path: Path, 
     aborted with three chained tracebacks and no report. Here job 1's checkpoint and then its failed.json hit
     ENOSPC: the sweep goes on, the report is written from job 0, and the command exits 1 naming job 1."""
     sweep_dir = tmp_path / "sweep"
-    monkeypatch.setattr(checkpoints, "torch_save_file", failing_checkpoint_save(errno.ENOSPC, f"{sweep_dir}/1/"))
+    job1 = sweep_dir / "001_seed:2"  # job dirs are named by what the sweep varies (kd_lightning/sweeps.py)
+    monkeypatch.setattr(checkpoints, "torch_save_file", failing_checkpoint_save(errno.ENOSPC, f"{job1}/"))
     real_write_json = sweeps.write_json
 
     def write_json(path: Path, record: dict) -> None:
@@ -243,10 +244,10 @@ def test_a_sweep_on_a_full_disk_records_what_it_can_and_reports(tmp_path: Path, 
                            f"hydra.sweep.dir={sweep_dir}", "seed=1,2")
     assert rc == 1
     assert "Traceback" not in output
-    one_line(output, "Job 1 failed", f"{sweep_dir}/1/checkpoints/", "the disk is full")
-    one_line(output, "Job 1: failed.json could not be written", "the disk is full")
-    one_line(output, "have no record", f"{sweep_dir}/1")
-    assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["config"]["seed"] == 1
-    assert not (sweep_dir / "1" / "metrics.json").exists() and not (sweep_dir / "1" / "failed.json").exists()
+    one_line(output, f"Job {job1.name} failed", f"{job1}/checkpoints/", "the disk is full")
+    one_line(output, f"Job {job1.name}: failed.json could not be written", "the disk is full")
+    one_line(output, "have no record", f"{job1}")
+    assert json.loads((sweep_dir / "000_seed:1" / "metrics.json").read_text())["config"]["seed"] == 1
+    assert not (job1 / "metrics.json").exists() and not (job1 / "failed.json").exists()
     assert (sweep_dir / "results.csv").is_file()  # the report, from job 0
-    assert sweeps.UNRECORDED == [str(sweep_dir / "1")]
+    assert sweeps.UNRECORDED == [str(job1)]

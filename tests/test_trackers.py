@@ -58,8 +58,9 @@ def job_T(job: Path) -> float:
 
 
 def override_dirname(job: Path) -> str:
-    """What Hydra named the job by its settings: its .hydra/hydra.yaml's job.override_dirname."""
-    return OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.job.override_dirname
+    """What a sweep job is named by its settings: its dir's name (`000_distill.T:1`), as its TensorBoard run."""
+    assert job.name.startswith(("000_distill.T:", "001_distill.T:")), job.name
+    return job.name
 
 
 def csv_epochs(run: Path, column: str) -> list[float]:
@@ -345,4 +346,8 @@ def test_run_names_sweep_job_by_its_settings(tmp_path: Path) -> None:
     OmegaConf.save({"hydra": {"mode": "RUN", "job": {"override_dirname": "experiment=soft"}}},
                    single / ".hydra" / "hydra.yaml")
     assert run_names(single, tmp_path / "logs") == ("train/runs", single.name)
+    named = job.with_name("003_distill.T:2+distill.alpha:0.5")  # a job dir named by its settings: its name
+    (named / ".hydra").mkdir(parents=True)
+    (named / ".hydra" / "hydra.yaml").write_text((job / ".hydra" / "hydra.yaml").read_text())
+    assert run_names(named, tmp_path / "logs") == ("train/multiruns/2026-01-01_00-00-00_ab-1", named.name)
     assert run_names(tmp_path / "elsewhere" / "run", tmp_path / "logs") == ("elsewhere", "run")
