@@ -119,7 +119,7 @@ def test_mlflow_sweep_is_one_experiment_with_jobs_named_by_their_settings(logs: 
     assert set(runs) == {override_dirname(j) for j in jobs} | {SWEEP_REPORT_RUN}
     for job, T in zip(jobs, ("1", "4")):
         run = runs[override_dirname(job)]
-        assert f"distill.T={T}" in run.info.run_name
+        assert f"distill.T:{T}" in run.info.run_name
         assert run.data.params["config/distill/T"] == T and run.data.params["T"] == T
         assert run.data.metrics["test/acc"] == pytest.approx(metrics_of(job)["test/acc"])
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == RUN_ARTIFACTS
