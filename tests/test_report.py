@@ -233,7 +233,7 @@ def test_a_damaged_metrics_json_is_named_and_the_report_written_from_the_others(
     assert [r["status"] for r in rows] == ["done", "damaged", "done"]
     assert rows[1]["settings"]["module.optimizer.lr"] == 0.01  # its job.json still says what it was
     md = (tmp_path / "results.md").read_text()
-    assert "2 of 3 jobs done" in md and f"- job 1 damaged: metrics.json is damaged: run the sweep command again" in md
+    assert "2 of 3 jobs done" in md and "- job 1 damaged: metrics.json is damaged: run the sweep command again" in md
     assert [r[4] for r in table_rows(md)[2:]] == ["0.001", "0.1"]
 
 
@@ -310,7 +310,7 @@ def test_the_sweep_subdir_names_a_job_by_what_its_sweep_varies(tmp_path: Path) -
 
 
 def test_old_numbered_and_new_named_job_dirs_are_read_in_job_order(tmp_path: Path) -> None:
-    for num, name in ((10, "10"), (2, "2"), (1, "001_distill.T:4")):
+    for name in ("10", "2", "001_distill.T:4"):
         (tmp_path / name).mkdir()
     (tmp_path / ".submitit").mkdir()
     (tmp_path / "2026-01-01_00-00-00_x").mkdir()
