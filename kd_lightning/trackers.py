@@ -38,6 +38,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from kd_lightning.config import saved_run_config
 from kd_lightning.errors import ConfigError
 from kd_lightning.summary import run_identity
+from kd_lightning.sweeps import job_number
 
 log = logging.getLogger(__name__)
 logging.getLogger("aim").setLevel(logging.WARNING)  # Aim logs each run's status reporter thread at INFO
@@ -61,7 +62,9 @@ def run_names(run_dir: str | Path, log_dir: str | Path | None = None) -> tuple[s
         experiment = parent.name
     name = run_dir.name
     record = run_dir / ".hydra" / "hydra.yaml"
-    if record.is_file():
+    if not name.isdigit() and job_number(run_dir) is not None:
+        return experiment, name  # a sweep job's dir, named by its settings: the name of its TensorBoard run too
+    if record.is_file():  # a job of a sweep whose job dirs are numbers
         hydra = OmegaConf.load(record).hydra
         if str(OmegaConf.select(hydra, "mode", default="")).endswith("MULTIRUN"):
             name = OmegaConf.select(hydra, "job.override_dirname", default=None) or name

@@ -310,7 +310,7 @@ def test_the_sweep_subdir_names_a_job_by_what_its_sweep_varies(tmp_path: Path) -
 
 
 def test_old_numbered_and_new_named_job_dirs_are_read_in_job_order(tmp_path: Path) -> None:
-    for num, name in ((10, "10"), (2, "2"), (1, "001_distill.T:4")):
+    for name in ("10", "2", "001_distill.T:4"):
         (tmp_path / name).mkdir()
     (tmp_path / ".submitit").mkdir()
     (tmp_path / "2026-01-01_00-00-00_x").mkdir()

@@ -58,8 +58,9 @@ def job_T(job: Path) -> float:
 
 
 def override_dirname(job: Path) -> str:
-    """What Hydra named the job by its settings: its .hydra/hydra.yaml's job.override_dirname."""
-    return OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.job.override_dirname
+    """What a sweep job is named by its settings: its dir's name (`000_distill.T:1`), as its TensorBoard run."""
+    assert job.name.startswith(("000_distill.T:", "001_distill.T:")), job.name
+    return job.name
 
 
 def csv_epochs(run: Path, column: str) -> list[float]:
@@ -118,7 +119,7 @@ def test_mlflow_sweep_is_one_experiment_with_jobs_named_by_their_settings(logs: 
     assert set(runs) == {override_dirname(j) for j in jobs} | {SWEEP_REPORT_RUN}
     for job, T in zip(jobs, ("1", "4")):
         run = runs[override_dirname(job)]
-        assert f"distill.T={T}" in run.info.run_name
+        assert f"distill.T:{T}" in run.info.run_name
         assert run.data.params["config/distill/T"] == T and run.data.params["T"] == T
         assert run.data.metrics["test/acc"] == pytest.approx(metrics_of(job)["test/acc"])
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == RUN_ARTIFACTS
@@ -345,4 +346,8 @@ def test_run_names_sweep_job_by_its_settings(tmp_path: Path) -> None:
     OmegaConf.save({"hydra": {"mode": "RUN", "job": {"override_dirname": "experiment=soft"}}},
                    single / ".hydra" / "hydra.yaml")
     assert run_names(single, tmp_path / "logs") == ("train/runs", single.name)
+    named = job.with_name("003_distill.T:2+distill.alpha:0.5")  # a job dir named by its settings: its name
+    (named / ".hydra").mkdir(parents=True)
+    (named / ".hydra" / "hydra.yaml").write_text((job / ".hydra" / "hydra.yaml").read_text())
+    assert run_names(named, tmp_path / "logs") == ("train/multiruns/2026-01-01_00-00-00_ab-1", named.name)
     assert run_names(tmp_path / "elsewhere" / "run", tmp_path / "logs") == ("elsewhere", "run")
