@@ -41,7 +41,11 @@ METHODS = ("kd", "dkd", "fitnet", "at", "rkd")
 class ReferenceCIFAR100(CIFAR100DataModule):
     """CIFAR-100 split as RepDistiller and mdistiller use it: all 50,000 training images train (randomly cropped
     and flipped), and the 10,000 test images are evaluated after every epoch, as the validation split; the
-    references report the best epoch's test accuracy. `train_val_split` is not used."""
+    references report the best epoch's test accuracy. `train_val_split` is not used. Inputs are normalized with the
+    references' constants (their dataset/cifar100.py), which the released teachers were trained with."""
+
+    mean = (0.5071, 0.4867, 0.4408)
+    std = (0.2675, 0.2565, 0.2761)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

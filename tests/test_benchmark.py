@@ -162,12 +162,18 @@ def test_recipe_milestones_and_learning_rates(overrides: list[str], base: float)
     optimizer = cfg.module.optimizer
     assert (optimizer._target_, optimizer.momentum, optimizer.weight_decay, optimizer.get("nesterov", False)) == \
         ("torch.optim.SGD", 0.9, 5e-4, False)
-    assert cfg.data.batch_size == 64 and cfg.callbacks.early_stopping is None and cfg.test_last is True
-    assert (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.model_checkpoint.mode) == ("val/acc", "max")
-    if "experiment=cifar100_teacher" not in overrides:  # the teacher keeps 0.05 whatever the student's rate
-        teacher = compose_teacher_config(cfg)
-        assert lrs(teacher)[0] == 0.05 and teacher.trainer.max_epochs == 240
-        assert teacher.data._target_ == "kd_lightning.benchmark.ReferenceCIFAR100"
+    assert cfg.data.batch_size == 64 and cfg.callbacks.early_stopping is None and cfg.trainer.max_epochs == 240
+    assert cfg.data._target_ == "kd_lightning.benchmark.ReferenceCIFAR100"
+    if "experiment=cifar100_teacher" in overrides:  # the teacher kept is the last epoch's (as ckpt_epoch_240.pth)
+        assert (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.model_checkpoint.mode) == ("epoch", "max")
+        return
+    # Students: the best epoch by test accuracy (the references' number) and the last epoch, both tested.
+    assert (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.model_checkpoint.mode, cfg.test_last) == \
+        ("val/acc", "max", True)
+    teacher = compose_teacher_config(cfg)  # the teacher keeps 0.05 whatever the student's rate
+    assert lrs(teacher)[0] == 0.05 and teacher.trainer.max_epochs == 240
+    assert teacher.data._target_ == "kd_lightning.benchmark.ReferenceCIFAR100"
+    assert teacher.callbacks.model_checkpoint.monitor == "epoch"
 
 
 def test_method_settings_are_the_references() -> None:
@@ -196,6 +202,12 @@ def test_reference_split_trains_on_everything_and_validates_on_test(cifar_root: 
     assert len(data.train_set) == 50 and data.cache_identity()["train_val_split"] == [1.0, 0.0]
     val, test = next(iter(data.val_dataloader())), next(iter(data.test_dataloader()))
     assert torch.equal(val[0], test[0]) and torch.equal(val[1], test[1])
+    # The references' normalization (RepDistiller's and mdistiller's dataset/cifar100.py), in the transforms.
+    assert data.cache_identity()["normalize"] == [[0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]]
+    pixel = torch.tensor(data.raw_images("test", [0])[0][0, 0, 0], dtype=torch.float64) / 255
+    expected = (pixel - torch.tensor([0.5071, 0.4867, 0.4408], dtype=torch.float64)) / \
+        torch.tensor([0.2675, 0.2565, 0.2761], dtype=torch.float64)
+    assert torch.allclose(test[0][0, :, 0, 0].double(), expected, atol=1e-5)
     assert torch.equal(data.raw_images("val", range(20))[0], data.raw_images("test", range(20))[0])
 
 

@@ -55,7 +55,7 @@ HYDRA_CONFIGS = {  # entry point -> its primary config
     "predict.py": "predict", "kd_lightning.predict": "predict",
 }
 ARGPARSE_MODULES = ("kd_lightning.bench", "kd_lightning.influence.bench")
-POSITIONAL_MODULES = {"kd_lightning.report": 1, "kd_lightning.models.stats": 0}  # module -> number of arguments
+POSITIONAL_MODULES = {"kd_lightning.report": 1, "kd_lightning.benchmark": 1, "kd_lightning.models.stats": 0}  # module -> number of arguments
 HYDRA_FLAGS = ("-m", "--multirun", "--help", "-h", "--cfg", "job", "--hydra-help")
 
 COMMAND = re.compile(
