@@ -65,15 +65,19 @@ def run_config(run_dir: Path) -> DictConfig:
     return config.saved_run_config(run_dir)
 
 
-def data_config_for(ckpt: Path, cfg: DictConfig) -> DictConfig:
-    """The data of the checkpoint's own run, unless `data=`/`data.*=` was given on the command line."""
+def data_config_for(ckpt: Path, cfg: DictConfig) -> tuple[DictConfig, str]:
+    """The data of the checkpoint's own run, unless `data=`/`data.*=` was given on the command line; and where it
+    came from, as eval.py records it (`run <dir>`, `data= given on the command line`, or the entry config's default
+    when the checkpoint has no run dir)."""
     overridden = HydraConfig.initialized() and any(
         o.lstrip("+~").startswith(("data=", "data.")) for o in HydraConfig.get().overrides.task
     )
     run_dir = run_dir_of(ckpt)
-    if run_dir is None or overridden:
-        return cfg.data
-    return run_config(run_dir).data
+    if overridden:
+        return cfg.data, "data= given on the command line"
+    if run_dir is None:
+        return cfg.data, "the default data= (the checkpoint is in no train.py run dir)"
+    return run_config(run_dir).data, f"the checkpoint's run {run_dir}"
 
 
 def load_test_split(datamodule: Any) -> tuple[Tensor, Tensor]:
@@ -218,7 +222,7 @@ def export(cfg: DictConfig) -> list[Check]:
         require_deploy_packages()  # before any work
     ckpt = Path(cfg.ckpt_path)
     net = load_net(ckpt)
-    datamodule = instantiate(data_config_for(ckpt, cfg))
+    datamodule = instantiate(data_config_for(ckpt, cfg)[0])
     inputs, _ = load_test_split(datamodule)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else ckpt.parent
     checks = []

@@ -57,6 +57,8 @@ def not_batchable(cfg: DictConfig) -> str | None:
         return "the data is not an MNIST-style DataModule (no random augmentation)"
     if cfg.distill.get("method", "kd") != "kd":
         return f"distill.method={cfg.distill.method} (the stacked loop trains kd's loss groups)"
+    if cfg.distill.get("logit_standardization"):
+        return "distill.logit_standardization=true (the stacked loop trains kd's loss groups on raw logits)"
     if cfg.module.get("scheduler") is not None or cfg.module.get("compile") or cfg.module.get("label_smoothing"):
         return "a scheduler, compile or label smoothing"
     if cfg.module.optimizer._target_ not in ELEMENTWISE_OPTIMIZERS:

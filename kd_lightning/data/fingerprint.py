@@ -9,6 +9,8 @@ Content hashes are memoized by (absolute path, size, mtime_ns) in one JSON file 
 (`$KD_FINGERPRINT_MEMO`, default `~/.cache/kd-lightning/fingerprints.json`): a repeated run re-hashes only files
 that changed. The memo is a speed-up, never a source of truth for a changed file (its size or mtime differs, so
 its entry does not match); it is written atomically, and a missing, damaged or unwritable memo only costs time.
+A file modified less than `RACY_S` seconds ago is hashed but not memoized (as git treats "racily clean" index
+entries): a second edit within the file system's timestamp granularity could keep both its size and its mtime.
 
 `hash_content=False` keys each file on its size and mtime instead of its bytes (for folders too large to hash
 once): an edit that keeps both the size and the mtime is then not seen.
@@ -18,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from kd_lightning.checkpoints import atomic_write_text
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+RACY_S = 2.0  # files modified more recently than this are not memoized
 
 
 def memo_path() -> Path:
@@ -46,15 +50,20 @@ def files_digest(files: Iterable[tuple[str, Path]], hash_content: bool = True) -
     memo = _read_memo(memo_file) if hash_content else {}
     changed = False
     digest = hashlib.sha256()
+    racy_after = time.time_ns() - int(RACY_S * 1e9)
     for name, path in sorted(files, key=lambda item: item[0]):
         stat = path.stat()
         if hash_content:
             key = str(path.resolve())
             stamp = [stat.st_size, stat.st_mtime_ns]
             entry = memo.get(key)
-            if entry is None or entry[:2] != stamp:
-                memo[key] = entry = [*stamp, file_sha256(path)]
-                changed = True
+            if not (isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp and isinstance(entry[2], str)):
+                entry = [*stamp, file_sha256(path)]
+                if stat.st_mtime_ns < racy_after:
+                    memo[key] = entry
+                    changed = True
+                elif memo.pop(key, None) is not None:
+                    changed = True
             token = entry[2]
         else:
             token = str(stat.st_mtime_ns)

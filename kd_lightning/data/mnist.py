@@ -27,6 +27,7 @@ from kd_lightning.errors import DataError
 log = logging.getLogger(__name__)
 
 SAMPLE_SOURCE = "mnist-sample-5k"
+_fallback_announced = False  # the banner is printed once per process (a student and its teacher, a sweep's jobs)
 
 
 class MNISTDataModule(KDDataModule):
@@ -142,6 +143,10 @@ class MNISTDataModule(KDDataModule):
         )
 
     def _warn_fallback(self) -> None:
+        global _fallback_announced
+        if _fallback_announced:
+            return
+        _fallback_announced = True
         bar = "!" * 100
         log.warning(
             "\n%s\nMNIST is not in %s and could not be downloaded (%s).\nUsing the 5,000-digit MNIST sample "
@@ -188,7 +193,7 @@ class MNISTDataModule(KDDataModule):
         trainer = self.trainer
         return TensorLoader(
             images, labels, batch_size, self.normalize,
-            shuffle=training,
+            shuffle=training and not (trainer and trainer.overfit_batches),  # overfit: the same batches each epoch
             seed=self.seed,
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
