@@ -231,10 +231,14 @@ class TeacherCache:
 
 def given_teacher(path: Path, model_cfg: DictConfig, cache_dir: str | Path) -> Path:
     """The checkpoint of `teacher.ckpt_path=<path>`: a Lightning checkpoint as it is; a released teacher file
-    (`ckpt_epoch_240.pth`: a dict with `model` or `net`) loaded strictly into `model_cfg`'s net and converted once
-    into the cache (kd_lightning/models/cifar100/released.py)."""
+    (`ckpt_epoch_240.pth`: a dict with `model` or `net`) or a plain state_dict (`.pth`, `.safetensors`) loaded
+    strictly into `model_cfg`'s net and converted once into the cache (kd_lightning/models/cifar100/released.py,
+    kd_lightning/models/library.py)."""
     from kd_lightning.models.cifar100.released import read_released, released_as_checkpoint
+    from kd_lightning.models.library import is_plain_weights_file, weights_as_checkpoint
 
+    if is_plain_weights_file(path):  # a plain state_dict (.pth, .safetensors) of a teacher trained elsewhere
+        return weights_as_checkpoint(path, model_cfg, cache_dir, file_sha256(path))
     if read_released(path) is None:
         return path
     return released_as_checkpoint(path, model_cfg, cache_dir, file_sha256(path))

@@ -77,7 +77,8 @@ def test_folder_soft_end_to_end_then_predict_and_an_outside_teacher(tmp_path: Pa
     run_script("train.py", "experiment=folder_hard_soft", f"data.root={root}", f"paths.log_dir={logs2}", *TINY,
                TINY_TEACHER, f"teacher.ckpt_path={outside}")
     metrics2 = json.loads((run_dir_of(logs2) / "metrics.json").read_text())
-    assert metrics2["teacher_ckpt"] == str(outside)
+    converted = Path(metrics2["teacher_ckpt"])  # converted once into the cache, as a trained teacher
+    assert converted.parent.parent == logs2 / "teachers" / "weights" and converted.name == "teacher.ckpt"
     # the same teacher weights: the same teacher accuracy on the same test split
     assert metrics2["test/teacher_acc"] == pytest.approx(metrics["test/teacher_acc"])
     assert (run_dir_of(logs2) / "MODEL_CARD.md").is_file()

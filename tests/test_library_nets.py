@@ -146,3 +146,26 @@ def test_a_wrong_layer_path_lists_the_nearest_valid_ones() -> None:
     message = one_line(info.value)
     assert message == ("student layer 'layer5' is not a module of ResNet; accepted: module paths such as layer4, layer3, "
                        "layer2, layer1, layer4.0, layer3.0, layer2.0, layer1.0")
+
+
+def test_a_plain_weights_file_is_a_teacher(tmp_path: Path) -> None:
+    """teacher.ckpt_path=<.pth or .safetensors>: converted once into a teacher checkpoint of the configured net,
+    every key strict; a file of another net is one line."""
+    from kd_lightning.teacher import given_teacher
+
+    config = {"_target_": "kd_lightning.models.timm_net", "name": "test_resnet", "num_classes": 3,
+              "pretrained": True, "weights_path": None, "in_chans": 3}
+    net = timm_net("test_resnet", num_classes=3)
+    for path in (tmp_path / "t.pth", tmp_path / "t.safetensors"):
+        if path.suffix == ".pth":
+            torch.save(net.state_dict(), path)
+        else:
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+        ckpt = given_teacher(path, config, tmp_path / "cache")
+        assert ckpt.parent.parent == tmp_path / "cache" / "weights" and given_teacher(path, config, tmp_path / "cache") == ckpt
+        assert torch.equal(load_net(ckpt).fc.weight, net.fc.weight)
+    other = tmp_path / "other.pth"
+    torch.save(timm_net("test_resnet", num_classes=5).state_dict(), other)
+    with pytest.raises(CheckpointError) as info:
+        given_teacher(other, config, tmp_path / "cache")
+    assert one_line(info.value) == f"{other} does not fit ResNet: fc.weight has shape (5, 96), the net expects (3, 96)"
