@@ -39,10 +39,19 @@ from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from kd_lightning.checkpoints import atomic_copy, atomic_torch_save, atomic_write, file_sha256, remove_dead_temporaries
+from kd_lightning.checkpoints import (
+    atomic_copy,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_text,
+    file_sha256,
+    read_checkpoint_file,
+    remove_dead_temporaries,
+)
 from kd_lightning.config import compose_train_config, is_distillation
 from kd_lightning.launch import train_in_one_process
 
@@ -229,13 +238,43 @@ class TeacherCache:
         atomic_write(self.record, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, sort_keys=True)))
 
 
+def is_plain_weights_file(path: str | Path) -> bool:
+    """Whether `path` is a plain state_dict (a `.safetensors` file, or a torch file holding only tensors): a
+    teacher trained elsewhere, given as `teacher.ckpt_path`."""
+    if Path(path).suffix == ".safetensors":
+        return True
+    content = read_checkpoint_file(path)
+    return isinstance(content, dict) and bool(content) and all(isinstance(v, Tensor) for v in content.values())
+
+
+def weights_as_checkpoint(path: str | Path, model_cfg: Any, cache_dir: str | Path, sha256: str) -> Path:
+    """A kd-lightning teacher checkpoint of the plain weights file `path` (sha256 `sha256`) as the net `model_cfg`,
+    every key strict (the head must be for the data's classes): made once in
+    `<cache_dir>/weights/<sha256[:16]>-<net name>/teacher.ckpt`, as released teachers are
+    (kd_lightning/models/cifar100/released.py), so every tool reads it as a trained teacher."""
+    from kd_lightning.models.library import initial_weights_off, load_weights
+
+    net_config = OmegaConf.to_container(model_cfg, resolve=True) if not isinstance(model_cfg, dict) else model_cfg
+    name = str(net_config.get("name") or str(net_config.get("_target_", "net")).rsplit(".", 1)[-1])
+    entry = Path(cache_dir) / "weights" / f"{sha256[:16]}-{name}"
+    ckpt, record = entry / "teacher.ckpt", entry / "source.json"
+    source = {"source": str(Path(path).resolve()), "source_sha256": sha256, "net_config": net_config}
+    if ckpt.is_file() and record.is_file() and json.loads(record.read_text()) == source:
+        return ckpt
+    net = instantiate(net_config, **initial_weights_off(net_config))
+    load_weights(net, path, in_chans_adapt=False)
+    atomic_torch_save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "net_config": net_config,
+                       "weights_source": source}, ckpt)
+    atomic_write_text(record, json.dumps(source, indent=2))
+    return ckpt
+
+
 def given_teacher(path: Path, model_cfg: DictConfig, cache_dir: str | Path) -> Path:
     """The checkpoint of `teacher.ckpt_path=<path>`: a Lightning checkpoint as it is; a released teacher file
     (`ckpt_epoch_240.pth`: a dict with `model` or `net`) or a plain state_dict (`.pth`, `.safetensors`) loaded
     strictly into `model_cfg`'s net and converted once into the cache (kd_lightning/models/cifar100/released.py,
     kd_lightning/models/library.py)."""
     from kd_lightning.models.cifar100.released import read_released, released_as_checkpoint
-    from kd_lightning.models.library import is_plain_weights_file, weights_as_checkpoint
 
     if is_plain_weights_file(path):  # a plain state_dict (.pth, .safetensors) of a teacher trained elsewhere
         return weights_as_checkpoint(path, model_cfg, cache_dir, file_sha256(path))

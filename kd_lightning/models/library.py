@@ -242,44 +242,6 @@ def load_weights(net: nn.Module, path: str | Path, head: tuple[str, ...] = (), i
     net.load_state_dict({**expected, **load})
 
 
-def is_plain_weights_file(path: str | Path) -> bool:
-    """Whether `path` is a plain state_dict (a `.safetensors` file, or a torch file holding only tensors): a
-    teacher trained elsewhere, given as `teacher.ckpt_path`."""
-    from kd_lightning.checkpoints import read_checkpoint_file
-
-    if Path(path).suffix == ".safetensors":
-        return True
-    content = read_checkpoint_file(path)
-    return isinstance(content, dict) and bool(content) and all(isinstance(v, Tensor) for v in content.values())
-
-
-def weights_as_checkpoint(path: str | Path, model_cfg: Any, cache_dir: str | Path, sha256: str) -> Path:
-    """A kd-lightning teacher checkpoint of the plain weights file `path` (sha256 `sha256`) as the net `model_cfg`,
-    every key strict (the head must be for the data's classes): made once in
-    `<cache_dir>/weights/<sha256[:16]>-<net name>/teacher.ckpt`, as released teachers are
-    (kd_lightning/models/cifar100/released.py), so every tool reads it as a trained teacher."""
-    import json
-
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from kd_lightning.checkpoints import atomic_torch_save, atomic_write_text
-
-    net_config = OmegaConf.to_container(model_cfg, resolve=True) if not isinstance(model_cfg, dict) else model_cfg
-    name = str(net_config.get("name") or str(net_config.get("_target_", "net")).rsplit(".", 1)[-1])
-    entry = Path(cache_dir) / "weights" / f"{sha256[:16]}-{name}"
-    ckpt, record = entry / "teacher.ckpt", entry / "source.json"
-    source = {"source": str(Path(path).resolve()), "source_sha256": sha256, "net_config": net_config}
-    if ckpt.is_file() and record.is_file() and json.loads(record.read_text()) == source:
-        return ckpt
-    net = instantiate(net_config, **initial_weights_off(net_config))
-    load_weights(net, path, in_chans_adapt=False)
-    atomic_torch_save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "net_config": net_config,
-                       "weights_source": source}, ckpt)
-    atomic_write_text(record, json.dumps(source, indent=2))
-    return ckpt
-
-
 def _few(keys: list[str], n: int = 4) -> str:
     if not keys:
         return "none"
