@@ -49,6 +49,14 @@ SWEEP_REPORT_RUN = "sweep report"
 INSTALL = "pip install 'kd-lightning[trackers]'"
 
 
+def installed(package: str) -> bool:
+    """Whether `package` can be imported (False also for one that is present but blocked or broken)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules[package] is None
+        return False
+
+
 # ---- what a run is called, and what it records ---------------------------------------------------------------
 def run_names(run_dir: str | Path, log_dir: str | Path | None = None) -> tuple[str, str]:
     """(experiment, run name) of the run in `run_dir`: the experiment is the run's parent dir relative to `log_dir`
@@ -120,7 +128,7 @@ def check_loggers(cfg: DictConfig) -> None:
         target = str(node.get("_target_", "")) if node is not None else ""
         cls = globals().get(target.rsplit(".", 1)[-1]) if target.startswith(__name__ + ".") else None
         package = getattr(cls, "package", None)
-        if package and importlib.util.find_spec(package) is None:
+        if package and not installed(package):
             raise ConfigError(f"logger.{key} needs the {package} package, which is not installed: {INSTALL} "
                               f"(or pip install {package})")
 
@@ -161,7 +169,7 @@ class MLFlowLogger(_Tracker, _MLFlowLogger):
     def __init__(self, tracking_uri: str, run_dir: str | None = None, log_dir: str | None = None,
                  experiment_name: str | None = None, run_name: str | None = None,
                  artifact_location: str | None = None, **kwargs: Any) -> None:
-        if importlib.util.find_spec(self.package) is None:
+        if not installed(self.package):
             raise ConfigError(f"logger=mlflow needs the mlflow package, which is not installed: {INSTALL}")
         self.run_dir = Path(run_dir) if run_dir else None
         experiment, name = run_names(run_dir, log_dir) if run_dir else ("default", None)
@@ -224,7 +232,7 @@ class WandbLogger(_Tracker, _WandbLogger):
     def __init__(self, save_dir: str, run_dir: str | None = None, log_dir: str | None = None,
                  project: str = "kd-lightning", group: str | None = None, name: str | None = None,
                  offline: bool | None = None, **kwargs: Any) -> None:
-        if importlib.util.find_spec(self.package) is None:
+        if not installed(self.package):
             raise ConfigError(f"logger=wandb needs the wandb package, which is not installed: {INSTALL}")
         import wandb
 
@@ -301,7 +309,7 @@ class AimLogger(_Tracker, Logger):
                  experiment: str | None = None, run_name: str | None = None,
                  artifacts_uri: str | None = None, system_tracking_interval: int | None = None,
                  capture_terminal_logs: bool = False) -> None:
-        if importlib.util.find_spec(self.package) is None:
+        if not installed(self.package):
             raise ConfigError(f"logger=aim needs the aim package, which is not installed: {INSTALL}")
         super().__init__()
         self.repo = repo

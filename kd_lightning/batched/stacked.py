@@ -54,7 +54,7 @@ from kd_lightning.errors import disk_error_message
 from kd_lightning.losses import soft_targets, stacked_cross_entropy, stacked_kd_term
 from kd_lightning.models.stats import count_params
 from kd_lightning.run_dir import run_record
-from kd_lightning.summary import hp_metrics_of, hparams_of
+from kd_lightning.summary import hp_metrics_of, hparams_of, run_identity
 from kd_lightning.sweeps import record_outcome
 from kd_lightning.teacher import cached_teacher_logits, compose_teacher_config
 from kd_lightning.tensorboard_figures import N_EXAMPLES, log_test_figures
@@ -581,6 +581,7 @@ def finish(s: Student, datamodule: Any, logits: dict[str, Tensor], card_teacher_
         "teacher_ckpts": [str(teacher_ckpt)], "teacher_ckpts_sha256": [file_sha256(teacher_ckpt)],
         "output_dir": str(job.dir),
         "wall_seconds": wall_seconds,
+        "tags": list(job.cfg.get("tags") or []), **run_identity(job.cfg, job.dir),  # as train() records them
     }
     for lg in s.logger:
         lg.log_hyperparams(hparams_of(job.cfg, datamodule.source), hp_metrics_of(result))

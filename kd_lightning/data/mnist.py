@@ -27,7 +27,9 @@ from kd_lightning.errors import DataError
 log = logging.getLogger(__name__)
 
 SAMPLE_SOURCE = "mnist-sample-5k"
-_fallback_announced = False  # the banner is printed once per process (a student and its teacher, a sweep's jobs)
+# The fallback banner is printed once per process for each data dir and reason: a student and its teacher, or a
+# sweep's jobs, read the same data and get one banner.
+_fallback_announced: set[tuple[str, str]] = set()
 
 
 class MNISTDataModule(KDDataModule):
@@ -143,10 +145,10 @@ class MNISTDataModule(KDDataModule):
         )
 
     def _warn_fallback(self) -> None:
-        global _fallback_announced
-        if _fallback_announced:
+        reason = self._download_error or "download not attempted"
+        if (str(self._raw_dir()), reason) in _fallback_announced:
             return
-        _fallback_announced = True
+        _fallback_announced.add((str(self._raw_dir()), reason))
         bar = "!" * 100
         log.warning(
             "\n%s\nMNIST is not in %s and could not be downloaded (%s).\nUsing the 5,000-digit MNIST sample "
