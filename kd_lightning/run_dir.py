@@ -26,7 +26,7 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 # Imported by Hydra's run-dir resolver and callback in every process: torch, Lightning and the nets are imported
 # inside the functions that need them.
@@ -74,6 +74,20 @@ class CheckResumeDir(Callback):
         if resume and (error := resume_dir_error(resume)):
             log.error("%s", error)
             sys.exit(2)
+
+
+class PinSweepDir(Callback):
+    """Hydra callback: the sweep dir, resolved once in the process that starts the multirun, is passed to every job as
+    `hydra.sweep.dir=<dir>`. Launchers whose workers compose their jobs' configs again (joblib's) would otherwise
+    resolve `${kd_run_name:}` in each worker, each its own dir: the jobs scattered, the report covering none."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from kd_lightning.errors import hydra_value
+
+        sweep_dir = str(config.hydra.sweep.dir)
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.sweep.dir = sweep_dir
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={hydra_value(sweep_dir)}")
 
 
 # ---- what a run records about paths ---------------------------------------------------------------------------

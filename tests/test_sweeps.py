@@ -99,9 +99,12 @@ def test_notebook_runs_on_the_sweep(grid: tuple[Path, list[str]]) -> None:
 
 @pytest.mark.slow  # multirun
 def test_joblib_parallel_jobs_share_one_teacher_and_failures_do_not_stop_the_sweep(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
+    """With the default sweep dir (${kd_run_name:}): the workers, which compose their jobs' configs again, put
+    every job in the one sweep dir the report covers (each worker used to name its own)."""
     run_script("train.py", "-m", "experiment=soft", "distill.T=2,-1,3", "hydra/launcher=joblib",
-               "hydra.launcher.n_jobs=2", *TINY, *offline(tmp_path), f"hydra.sweep.dir={sweep}", expect_rc=1)
+               "hydra.launcher.n_jobs=2", *TINY, *offline(tmp_path), expect_rc=1)
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    assert sorted(p.name[:3] for p in sweep.iterdir() if p.is_dir()) == ["000", "001", "002"]
     logs = [(job_dir(sweep, job) / "train.log").read_text() for job in range(3)]
     assert sum("Training the teacher" in log for log in logs) == 1
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
