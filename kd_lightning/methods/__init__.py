@@ -8,11 +8,13 @@ from hydra.utils import instantiate
 from kd_lightning.errors import ConfigError
 from kd_lightning.methods.at import AT
 from kd_lightning.methods.base import Method, StepInputs
+from kd_lightning.methods.crd import CRD
 from kd_lightning.methods.dkd import DKD
 from kd_lightning.methods.fitnet import FitNet
 from kd_lightning.methods.kd import KD
 from kd_lightning.methods.label_smoothing import LabelSmoothing
 from kd_lightning.methods.multi_teacher import MultiTeacher
+from kd_lightning.methods.reviewkd import ReviewKD
 from kd_lightning.methods.rkd import RKD
 from kd_lightning.methods.tf_kd import TfKD
 
@@ -25,7 +27,7 @@ def register(method: type[Method]) -> type[Method]:
     return method
 
 
-for _method in (KD, FitNet, AT, DKD, RKD, MultiTeacher, LabelSmoothing, TfKD):
+for _method in (KD, FitNet, AT, DKD, RKD, MultiTeacher, LabelSmoothing, TfKD, CRD, ReviewKD):
     register(_method)
 
 

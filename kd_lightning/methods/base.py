@@ -35,6 +35,7 @@ class StepInputs:
     features: dict[str, Tensor] = field(default_factory=dict)  # student, by layer spec
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     progress: float = 0.0  # epochs trained so far, fractional (warm-ups)
+    indices: Tensor | None = None  # the examples' positions in the train split (per-example state: CRD)
 
 
 # ---- hyper-parameter checks: one line naming key, value and what is accepted (like distill.T) ---------------
@@ -107,6 +108,10 @@ class Method(nn.Module):
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Resolve default layers (a net's `feature_layers`, the input of its last Linear) against the nets."""
+
+    def bind_data(self, datamodule: Any) -> None:
+        """Read what the loss needs of the training split (a KDDataModule, set up), once, before `build`
+        (CRD: the split's size and labels, for its memory bank)."""
 
     def build(self, features: dict[str, Tensor], teacher_features: dict[str, Tensor]) -> None:
         """Make the trainable parts that depend on feature shapes (called once, before the optimizer)."""
