@@ -369,3 +369,56 @@ def test_crd_trains_through_train_py_on_fake_cifar(tmp_path: Path, monkeypatch: 
     assert state["method.memory_t"].shape == (36, 128)  # 40 images, 0.9 of them for training
     assert get_method("crd") is CRD
     shutil.rmtree(tmp_path / "data")
+
+
+def test_scores_stay_float32_under_mixed_precision() -> None:
+    bank = torch.nn.functional.normalize(torch.randn(10, 4), dim=1)
+    anchors = bank[:2].bfloat16()  # an anchor equal to its own bank row: exp(1 / 0.07) = 1.6e6, past float16
+    rows = torch.tensor([[0, 3], [1, 4]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = crd_module.contrast_scores(bank, anchors, rows, 0.07)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, crd_module.contrast_scores(bank, anchors.float(), rows, 0.07))
+
+
+# ---- DDP: every rank's bank takes the whole global batch ----------------------------------------------------------
+def ddp_rank(rank: int, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same bank and heads on both ranks
+        m = make(feat_dim=3, nce_k=2)
+        m.student_layers, m.teacher_layers = ["s"], ["t"]
+        m.make_bank(torch.arange(12) % 3)
+        m.build({"s": torch.zeros(2, 5)}, {"t": torch.zeros(2, 4)})
+        torch.manual_seed(1)
+        features, teacher = torch.randn(5, 5), torch.randn(5, 4)  # the same 5 examples drawn on both ranks
+        take = slice(0, 3) if rank == 0 else slice(3, 5)  # batches of 3 and 2: uneven
+        step = StepInputs(torch.zeros(5, 3)[take], torch.zeros(5, dtype=torch.long)[take],
+                          features={"s": features[take]}, teacher_features={"t": teacher[take]},
+                          indices=torch.tensor([0, 4, 8, 2, 7])[take])
+        m(step)
+        torch.save({"memory_s": m.memory_s, "memory_t": m.memory_t, "z": m.z}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes
+def test_ddp_ranks_update_their_banks_with_the_global_batch(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(ddp_rank, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name in ("memory_s", "memory_t", "z"):
+        torch.testing.assert_close(r0[name], r1[name])
+    # one process, the whole batch of 5: the same bank rows
+    torch.manual_seed(0)
+    m = make(feat_dim=3, nce_k=2)
+    m.student_layers, m.teacher_layers = ["s"], ["t"]
+    m.make_bank(torch.arange(12) % 3)
+    m.build({"s": torch.zeros(2, 5)}, {"t": torch.zeros(2, 4)})
+    torch.manual_seed(1)
+    features, teacher = torch.randn(5, 5), torch.randn(5, 4)
+    m(StepInputs(torch.zeros(5, 3), torch.zeros(5, dtype=torch.long), features={"s": features},
+                 teacher_features={"t": teacher}, indices=torch.tensor([0, 4, 8, 2, 7])))
+    torch.testing.assert_close(r0["memory_s"], m.memory_s)
+    torch.testing.assert_close(r0["memory_t"], m.memory_t)

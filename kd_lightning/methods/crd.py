@@ -77,9 +77,11 @@ def nce_loss(p: Tensor, n_data: int) -> Tensor:
 
 
 def contrast_scores(bank: Tensor, anchors: Tensor, contrast_idx: Tensor, tau: float) -> Tensor:
-    """exp(<bank[contrast_idx[i, k]], anchors[i]> / tau), (B, K+1); the bank rows carry no gradient."""
+    """exp(<bank[contrast_idx[i, k]], anchors[i]> / tau), (B, K+1); the bank rows carry no gradient. In the
+    bank's precision (float32) even under mixed precision: exp(1 / 0.07) = 1.6e6 overflows float16."""
     rows = bank.index_select(0, contrast_idx.flatten()).view(*contrast_idx.shape, -1).detach()
-    return torch.exp(torch.bmm(rows, anchors.unsqueeze(2)).squeeze(2) / tau)
+    with torch.autocast(anchors.device.type, enabled=False):
+        return torch.exp(torch.bmm(rows, anchors.to(rows.dtype).unsqueeze(2)).squeeze(2) / tau)
 
 
 @torch.no_grad()
