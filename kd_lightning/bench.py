@@ -10,7 +10,8 @@ all three through this project's real stack (configs, DataModule, DistillModule,
 It prints samples/s for each, the ratios c/a and c/d, and teacher training samples/s for this stack and for the
 hand-written loop (the PyTorch MNIST example's Adadelta loop). Full MNIST is used when it is in `data_dir`,
 else the offline 5,000-digit sample; the training split is written as IDX files for torchvision's dataset in (d).
-`--only soft,default_live,default_log` times the default run: (e) experiment=soft on the stripped stack, (f) as
+`--data image_folder --data-root DIR` times data=image_folder's loader against torchvision's ImageFolder instead
+(kd_lightning/data/folder_bench.py). `--only soft,default_live,default_log` times the default run: (e) experiment=soft on the stripped stack, (f) as
 `python train.py experiment=soft` runs it with the live bar, (g) with the log-file lines; these three run on
 full-size data (the fake full-size MNIST of --full-size when full MNIST is absent; --default-run-on-sample: the
 sample), and the output names their data.
@@ -38,6 +39,7 @@ from torchvision import datasets, transforms
 
 from kd_lightning import config
 from kd_lightning.config import compose_train_config, is_distillation
+from kd_lightning.data import folder_bench
 from kd_lightning.data.mnist import SAMPLE_SOURCE, load_mnist_sample
 from kd_lightning.losses import kd_loss
 from kd_lightning.models import MnistCNN
@@ -240,7 +242,11 @@ def main() -> None:
                         help="with --sweep: the sweep with distill.cache_teacher_logits=false (the teacher runs on "
                              "every training batch) instead of cached teacher logits")
     parser.add_argument("--only", default=None, help=f"comma-separated configurations to run, of: {', '.join(NAMES)}")
+    folder_bench.add_arguments(parser)  # --data image_folder --data-root DIR: the image-folder loader's images/s
     args = parser.parse_args()
+    if args.data == "image_folder":
+        folder_bench.run(args)
+        return
     steps, teacher_steps = args.samples // BATCH, args.teacher_samples // BATCH
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -67,6 +67,23 @@ class ModelCheckpoint(_CachedStateKey, pl_callbacks.ModelCheckpoint):
                                       every_n_epochs=self._every_n_epochs,
                                       train_time_interval=self._train_time_interval)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's, for a run dir that was moved or copied since the checkpoint was written: the saved paths are
+        moved along into this dir (Lightning would forget the best score and keep the original's best_model_path,
+        so the copy would test the original's best checkpoint and write its own next best as best-v1.ckpt)."""
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:
+            def moved(path: Any) -> Any:
+                inside = isinstance(path, str) and path and Path(path).is_relative_to(old)
+                return str(Path(self.dirpath) / Path(path).relative_to(old)) if inside else path
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          **{k: moved(state_dict[k]) for k in ("best_model_path", "kth_best_model_path",
+                                                               "last_model_path") if k in state_dict}}
+            if "best_k_models" in state_dict:
+                state_dict["best_k_models"] = {moved(k): v for k, v in state_dict["best_k_models"].items()}
+        super().load_state_dict(state_dict)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         if self._every_n_train_steps < 1 and self._train_time_interval is None:
             return

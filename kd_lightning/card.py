@@ -34,7 +34,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
-from torch.utils import benchmark
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 
 from kd_lightning import config
@@ -55,6 +54,7 @@ from kd_lightning.drawing import (
 )
 from kd_lightning.errors import InputError, exit_on_error
 from kd_lightning.models.stats import mult_adds
+from kd_lightning.run_dir import resolve_recorded, teacher_ckpts_of
 from kd_lightning.teacher import _logit_cache_problem, file_sha256
 from kd_lightning.tensorboard_figures import confusion_image
 
@@ -135,11 +135,25 @@ def quality(logits: Tensor, labels: Tensor) -> dict[str, Any]:
     }
 
 
+def _benchmark() -> Any:
+    """torch.utils.benchmark, imported on first use and without its import-time note: it imports
+    torch.utils.cpp_extension, which logs "No CUDA runtime is found, using CUDA_HOME=..." on a machine with a CUDA
+    toolkit dir but no GPU. That note is about compiling C++ extensions, which nothing here does."""
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_extension_log.level
+    cpp_extension_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        cpp_extension_log.setLevel(level)
+    return benchmark
+
+
 def latency(net: nn.Module, example: Tensor, batch_size: int, threads: int, min_run_time: float) -> dict[str, float]:
     """Milliseconds per forward pass at `batch_size` on the CPU: median and interquartile range of torch.utils.benchmark's
     blocked measurements (each block averages its calls), over at least MIN_BLOCKS blocks."""
     x = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
-    timer = benchmark.Timer(stmt="forward(x)", globals={"forward": torch.inference_mode()(net.eval()), "x": x},
+    timer = _benchmark().Timer(stmt="forward(x)", globals={"forward": torch.inference_mode()(net.eval()), "x": x},
                             num_threads=threads)
     m = timer.blocked_autorange(min_run_time=min_run_time)
     times = list(m.times)
@@ -203,16 +217,28 @@ def commands(run_dir: Path, cfg: DictConfig, teacher_run: Path | None) -> dict[s
 
 
 def find_teacher(run_dir: Path, metrics: dict[str, Any]) -> tuple[Path, Path | None]:
-    """The teacher checkpoint named by the student's metrics.json and its run dir (None if not found)."""
+    """The teacher checkpoint named by the student's metrics.json (checked against its recorded sha256) and its run
+    dir (None if not found)."""
     from kd_lightning.influence.cli import teacher_run_of  # as tracin.py finds it
 
-    if not metrics.get("teacher_ckpt"):
+    teachers = teacher_ckpts_of(run_dir, metrics)
+    if not teachers:
         raise InputError(f"student_run={run_dir} names no teacher (no teacher_ckpt in its metrics.json): "
                          "pass a distillation run dir")
+    if len(teachers) > 1:
+        raise InputError(f"student_run={run_dir} was distilled from {len(teachers)} teachers (multi_teacher): "
+                         "multi-teacher cards are not supported; the card compares one teacher with its student")
     try:
-        return Path(metrics["teacher_ckpt"]), teacher_run_of(run_dir)
+        return teachers[0], teacher_run_of(run_dir)
     except InputError:
-        return Path(metrics["teacher_ckpt"]), None
+        return teachers[0], None
+
+
+def teacher_net_config(cfg: DictConfig) -> Any:
+    """The teacher's net config, for a `teacher.ckpt_path` that is a plain weights file (no net_config inside)."""
+    from kd_lightning.teacher import compose_teacher_config
+
+    return compose_teacher_config(cfg).model
 
 
 # ---- the card ---------------------------------------------------------------------------------------------
@@ -256,14 +282,15 @@ def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bo
         raise InputError(f"student_run={run_dir} has no metrics.json: pass the dir of a finished train.py run")
     metrics = json.loads(metrics_path.read_text())
     teacher_ckpt, teacher_run = find_teacher(run_dir, metrics)
-    student_ckpt = Path(metrics["best_ckpt"])
+    student_ckpt = resolve_recorded(run_dir, metrics["best_ckpt"], metrics.get("output_dir"))  # this dir's own
     if datamodule is None:
         datamodule = instantiate(cfg.data)
         datamodule.prepare_data()
         datamodule.setup("test")
     threads = threads or torch.get_num_threads()
     ckpts = {"teacher": teacher_ckpt, "student": student_ckpt}
-    nets = {role: load_net(ckpt).eval() for role, ckpt in ckpts.items()}
+    nets = {role: load_net(ckpt, teacher_net_config(cfg) if role == "teacher" and ckpt.suffix != ".ckpt" else None).eval()
+            for role, ckpt in ckpts.items()}
     logits: dict[str, Tensor | None] = {"teacher": teacher_logits, "student": student_logits}
     if logits["teacher"] is None and cfg.get("paths", {}).get("cache_dir"):
         logits["teacher"] = cached_test_logits(teacher_ckpt, nets["teacher"], datamodule, Path(cfg.paths.cache_dir),
@@ -297,6 +324,7 @@ def write_card(run_dir: str | Path, cfg: DictConfig | None = None, *, timing: bo
 
     card = {
         "run_dir": str(run_dir), "data_source": datamodule.source, "n_test": len(labels), "agreement": agreement,
+        "class_names": list(getattr(datamodule, "class_names", None) or []) or None,  # image_folder: by name
         "threads": threads if timing else None, "cpu": cpu_name() if timing else None,
         "commands": commands(run_dir, cfg, teacher_run),
         **{role: {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()} for role, s in sides.items()},
@@ -336,6 +364,7 @@ def _count(n: float) -> str:
 def markdown(card: dict[str, Any]) -> str:
     t, s = card["teacher"], card["student"]
     tq, sq = t["quality"], s["quality"]
+    names = card.get("class_names")
     not_timed = "not measured (`python -m kd_lightning.card student_run=<this dir>`)"
 
     def lat(side: dict, b: int) -> str:
@@ -379,7 +408,7 @@ def markdown(card: dict[str, Any]) -> str:
         "",
         "| class | examples | teacher | student |",
         "|---:|---:|---:|---:|",
-        *[f"| {c} | {n} | {a:.4f} | {b:.4f} |" for c, (n, a, b) in
+        *[f"| {names[c] if names else c} | {n} | {a:.4f} | {b:.4f} |" for c, (n, a, b) in
           enumerate(zip(tq["class_counts"], tq["per_class_acc"], sq["per_class_acc"]))],
         "",
         "## How each model was made",

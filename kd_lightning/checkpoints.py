@@ -4,18 +4,24 @@ Every checkpoint is read with `weights_only=True`: a file whose unpickling would
 Every file a user depends on (checkpoints, the teacher cache, metrics) is written by `atomic_write`: a temporary
 file in the destination's own directory, flushed and fsynced, then renamed over the destination (a rename is
 atomic only within one filesystem, so the temporary file is never in /tmp). A reader sees the old file or the
-whole new one, also after a full disk or a crash. Lightning's checkpoints go through it via
+whole new one, also after a full disk or a crash. A temporary file names its writer (host and pid): the
+temporaries of a writer that died (kill -9) are removed by the next write of the same file, and by the caches'
+next start (`remove_dead_temporaries`). Lightning's checkpoints go through it via
 `AtomicCheckpointIO` (conf/trainer/default.yaml `plugins`), whose epoch-end saves leave the fsyncs and the rename to a
 background thread.
 """
 
 import contextlib
+import glob
 import logging
 import os
 import pickle
 import re
 import shutil
+import socket
 import tempfile
+import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +43,14 @@ NET_PREFIX = "net."
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint read by `read_checkpoint_file`; one without a state_dict is a CheckpointError too."""
+    checkpoint = read_checkpoint_file(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no state_dict")
+    return checkpoint
+
+
+def read_checkpoint_file(path: str | Path) -> Any:
     """torch.load with weights_only=True, on the CPU; every failure is a one-line CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
@@ -54,8 +68,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({first_line})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no state_dict")
     return checkpoint
 
 
@@ -70,12 +82,19 @@ def load_net(path: str | Path, net_config: Any = None) -> nn.Module:
 
     Weights that do not fit the net are an error naming the first missing or unexpected key or shape mismatch.
     """
+    from kd_lightning.models.library import initial_weights_off, load_weights
+
+    if net_config is not None and Path(path).suffix in (".pth", ".pt", ".bin", ".safetensors"):
+        # A teacher trained elsewhere (teacher.ckpt_path): a plain state_dict of the configured net, all keys strict.
+        net = instantiate(net_config, **initial_weights_off(net_config))
+        load_weights(net, path)
+        return net
     checkpoint = load_checkpoint(path)
     if net_config is None:
         net_config = checkpoint.get("net_config")
         if net_config is None:
             raise CheckpointError(f"{path} has no net_config (not written by kd-lightning): pass the model config")
-    net = instantiate(net_config)
+    net = instantiate(net_config, **initial_weights_off(net_config))  # no download: the checkpoint has the weights
     state, expected = net_state_dict(checkpoint), net.state_dict()
     name = type(net).__name__
     if missing := [k for k in expected if k not in state]:
@@ -121,15 +140,84 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_write(dst: str | Path, write: Callable[[str], None]) -> None:
     """`write(tmp)` to a temporary file beside `dst`, fsync it, then rename: readers see the old file or the whole
     new one. The file gets the mode of any new file (0644 under umask 022), not mkstemp's private 0600, so a
-    group can share a cache."""
-    _publish(_write_temporary(dst, write), dst)
+    group can share a cache. An OSError that names no file (a full disk met by `write`) is raised naming `dst`."""
+    with _naming(dst):
+        _publish(_write_temporary(dst, write), dst)
+
+
+@contextlib.contextmanager
+def _naming(dst: str | Path) -> Iterator[None]:
+    """Give an OSError without a file name (a write or fsync on a full disk), or naming our temporary file, the
+    destination's name, so that the one-line message of kd_lightning.errors says which file could not be written."""
+    try:
+        yield
+    except OSError as err:
+        ours = err.filename is None or Path(str(err.filename)).name.startswith(f".{Path(dst).name}.")  # our temporary
+        if ours and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(dst)) from err
+        raise
+
+
+def torch_save_file(obj: Any, path: str | Path) -> None:
+    """torch.save through a Python file: a full disk is then an OSError(ENOSPC), not torch's RuntimeError
+    "[enforce fail at inline_container.cc] unexpected pos" that names neither the cause nor the file."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+# A temporary file is named `.<dst name>.<host tag>-<pid>.<random>.tmp`: who wrote it, so that the temporaries
+# of a writer that died (kill -9, power loss) can be told from those of a writer still at work.
+HOST_TAG = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+_TEMPORARY = re.compile(r"^\.(?P<dst>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+FOREIGN_TEMPORARY_AGE_S = 24 * 3600  # another host's temporary (shared filesystem): removed only when this old
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_dead_temporaries(directory: str | Path, dst_name: str | None = None) -> list[Path]:
+    """Remove the temporaries in `directory` (of `dst_name` only, when given) whose writer is dead: written on
+    this host by a process that no longer exists, or on another host more than a day ago. Returns them."""
+    directory = Path(directory)
+    pattern = f".{glob.escape(dst_name)}.*.tmp" if dst_name else ".*.tmp"
+    removed = []
+    try:
+        candidates = list(directory.glob(pattern))
+    except OSError:
+        return removed
+    for path in candidates:
+        match = _TEMPORARY.match(path.name)
+        if match is None or (dst_name is not None and match["dst"] != dst_name):
+            continue
+        try:
+            if match["host"] == HOST_TAG:
+                dead = int(match["pid"]) != os.getpid() and not _alive(int(match["pid"]))
+            else:
+                dead = time.time() - path.stat().st_mtime > FOREIGN_TEMPORARY_AGE_S
+            if dead:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # gone already (another cleaner), or not ours to remove
+            continue
+    if removed:
+        log.info("Removed %d temporary file(s) left by dead writers in %s", len(removed), directory)
+    return removed
 
 
 def _write_temporary(dst: str | Path, write: Callable[[str], None]) -> str:
-    """`write(tmp)` to a new temporary file in `dst`'s directory; the file is removed if `write` fails."""
+    """`write(tmp)` to a new temporary file in `dst`'s directory; the file is removed if `write` fails. The
+    temporaries of `dst` left by dead writers are removed first."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    remove_dead_temporaries(dst.parent, dst.name)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.{HOST_TAG}-{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -153,12 +241,17 @@ def _publish(tmp: str, dst: str | Path) -> None:
     _fsync_dir(dst.parent)
 
 
+def _publish_naming(tmp: str, dst: str | Path) -> None:
+    with _naming(dst):
+        _publish(tmp, dst)
+
+
 def atomic_copy(src: str | Path, dst: str | Path) -> None:
     atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def atomic_torch_save(obj: Any, dst: str | Path) -> None:
-    atomic_write(dst, lambda tmp: torch.save(obj, tmp))
+    atomic_write(dst, lambda tmp: torch_save_file(obj, tmp))
 
 
 def atomic_write_text(dst: str | Path, text: str) -> None:
@@ -208,10 +301,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if not local:
                 return super().save_checkpoint(checkpoint, path, storage_options)
             return atomic_torch_save(checkpoint, path)
-        tmp = _write_temporary(path, lambda tmp: torch.save(checkpoint, tmp))
+        with _naming(path):
+            tmp = _write_temporary(path, lambda tmp: torch_save_file(checkpoint, tmp))
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sync")
-        self._pending.append(self._executor.submit(_publish, tmp, path))
+        self._pending.append(self._executor.submit(_publish_naming, tmp, path))
 
     def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self.wait()

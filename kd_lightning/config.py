@@ -42,6 +42,19 @@ def _if_null(value: Any, if_null: Any, *otherwise: Any) -> Any:
 OmegaConf.register_new_resolver("kd_if_null", _if_null, replace=True)
 
 
+def _folder_classes(root: Any) -> int | None:
+    """${kd_folder_classes:${data.root}}: the number of class folders of an image folder's train/ (null while it
+    cannot be read: the DataModule names the problem)."""
+    from kd_lightning.data.image_folder import folder_num_classes
+
+    return folder_num_classes(root)
+
+
+OmegaConf.register_new_resolver("kd_folder_classes", _folder_classes, replace=True)
+# ${kd_resize:224}: the shorter side an eval pipeline resizes to before its centre crop (224 -> 256, ImageNet's).
+OmegaConf.register_new_resolver("kd_resize", lambda size: round(int(size) / 0.875), replace=True)
+
+
 def _nvidia_driver_present() -> bool:
     try:
         ctypes.CDLL("libnvidia-ml.so.1")

@@ -1,15 +1,25 @@
 """Errors caused by the user's input, an interrupted run, and the one place that turns them into an exit code.
 
 The entry points (train.py, eval.py) run inside `exit_on_error`: an InputError prints its one-line message,
-without a traceback, and exits with 2; an interrupted run exits with the shell's code for its signal.
+without a traceback, and exits with 2; an interrupted run exits with the shell's code for its signal. A full
+disk, a read-only file system or a missing permission (ENOSPC, EDQUOT, EROFS, EACCES, EPERM), anywhere in a run,
+prints one line naming the path, what happened and what to do (`disk_error_message`), and exits with 1. One of
+these errors wrapped by Hydra's `instantiate` (its InstantiationException) prints the same line as unwrapped.
+`CheckOutputDir` gives the same line for Hydra's own creation of the run or sweep dir, before Hydra tries.
 """
 
+import errno
 import logging
-import shlex
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 
 class InputError(Exception):
@@ -36,24 +46,89 @@ class Interrupted(Exception):
     """The fit was stopped by Ctrl-C or SIGTERM after saving checkpoints/interrupted.ckpt."""
 
     def __init__(self, output_dir: Path, sigterm: bool) -> None:
-        # Quoted for the shell: the command is meant to be pasted, and run dirs may hold spaces.
-        super().__init__(f"interrupted by {'SIGTERM' if sigterm else 'Ctrl-C'}; resume with: "
-                         f"python train.py {shlex.quote(f'resume={output_dir}')}")
+        from kd_lightning.run_dir import resume_command  # quoted for the shell and Hydra's lexer: it is pasted
+
+        super().__init__(f"interrupted by {'SIGTERM' if sigterm else 'Ctrl-C'}; resume with: {resume_command(output_dir)}")
         self.exit_code = 143 if sigterm else 130  # the shell's codes for death by SIGTERM / SIGINT
+
+
+# What a write can meet on a full, read-only or foreign disk, and what the user can do about it.
+DISK_ERRORS = {
+    errno.ENOSPC: ("the disk is full", "free space there, or point paths.log_dir / paths.cache_dir at another disk, "
+                   "then run the same command again (a run continues from its last checkpoint)"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota, or point paths.log_dir / "
+                   "paths.cache_dir at another disk, then run the same command again"),
+    errno.EROFS: ("the file system is read-only", "point paths.log_dir / paths.cache_dir (or hydra.run.dir) at a "
+                  "writable directory"),
+    errno.EACCES: ("permission denied", "make it writable by this user, or point paths.log_dir / paths.cache_dir "
+                   "(or hydra.run.dir) at a directory you own"),
+    errno.EPERM: ("operation not permitted", "make it writable by this user, or point paths.log_dir / "
+                  "paths.cache_dir (or hydra.run.dir) at a directory you own"),
+}
+
+
+def disk_error_message(err: BaseException) -> str | None:
+    """One line for an OSError of `DISK_ERRORS` (found as `err`, its cause or context): the path, what happened
+    and what to do; None for any other error."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_ERRORS:
+            what, todo = DISK_ERRORS[err.errno]
+            path = err.filename if err.filename is not None else "(path not reported)"
+            return f"{path}: {what} ({err.strerror or errno.errorcode[err.errno]}); {todo}"
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _unwrapped(err: BaseException) -> BaseException:
+    """The error under Hydra's InstantiationException ("Error in call to target ..."), when it is one of ours."""
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 @contextmanager
 def exit_on_error(log: logging.Logger, failures: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """The entry points' exits. Bad input: its one line, exit code 2. A NaN loss (or one of the entry point's own
-    `failures`, e.g. an export that does not match): its line, exit 1. Ctrl-C / SIGTERM: 130 / 143."""
+    `failures`, e.g. an export that does not match), a full or read-only disk: its line, exit 1. Ctrl-C /
+    SIGTERM: 130 / 143. Hydra's InstantiationException around one of these is unwrapped."""
     try:
         yield
-    except InputError as err:
-        log.error("%s", err)
-        sys.exit(2)
-    except (NonFiniteLossError, *failures) as err:
-        log.error("%s", err)
-        sys.exit(1)
-    except Interrupted as err:
-        log.warning("%s", err)
-        sys.exit(err.exit_code)
+    except Exception as raised:  # noqa: BLE001 - sorted below; anything else is raised as it was
+        err = _unwrapped(raised)
+        if isinstance(err, InputError):
+            log.error("%s", err)
+            sys.exit(2)
+        if isinstance(err, (NonFiniteLossError, *failures)):
+            log.error("%s", err)
+            sys.exit(1)
+        if isinstance(err, Interrupted):
+            log.warning("%s", err)
+            sys.exit(err.exit_code)
+        if message := disk_error_message(err):
+            log.error("%s", message)
+            sys.exit(1)
+        raise
+
+
+class CheckOutputDir(Callback):
+    """Hydra callback: the run dir (or a multirun's sweep dir) is created and written to once before Hydra
+    does it, so that a read-only, foreign or full disk gives `disk_error_message`'s one line and exit 1
+    instead of Hydra's tracebacks. A `resume=` dir that does not exist is left to CheckResumeDir."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(str(config.hydra.run.dir))
+        if config.get("resume") and not run_dir.is_dir():
+            return
+        self._check(run_dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(Path(str(config.hydra.sweep.dir)))
+
+    @staticmethod
+    def _check(directory: Path) -> None:
+        with exit_on_error(logging.getLogger(__name__)):
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass

@@ -1,6 +1,8 @@
 """Test a saved net: `python eval.py ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt [data=...]`.
 
-The checkpoint alone rebuilds the net (students hold no teacher), so any train.py checkpoint evaluates here.
+The checkpoint alone rebuilds the net (students hold no teacher), so any train.py checkpoint evaluates here. The test
+split is that of the data the checkpoint's run trained on (its run dir's `.hydra/config.yaml`, as export.py finds
+it); `data=`/`data.*=` on the command line replace it, and metrics.json records which (`data_from`).
 A missing or damaged checkpoint, a net that does not fit the data and missing data are one-line errors with
 exit code 2, as in train.py.
 """
@@ -19,6 +21,7 @@ from torch import nn
 from kd_lightning import config
 from kd_lightning.checkpoints import atomic_write_text, load_net
 from kd_lightning.errors import CheckpointError, exit_on_error
+from kd_lightning.export import data_config_for
 from kd_lightning.modules import ClassifierModule
 from kd_lightning.run_dir import CheckResumeDir  # noqa: F401 - registers ${kd_run_name:} (conf/hydra)
 
@@ -42,8 +45,12 @@ def check_net_fits_data(net: nn.Module, ckpt_path: str, datamodule: Any) -> None
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    net = load_net(cfg.ckpt_path)
-    datamodule = instantiate(cfg.data)
+    """Test `cfg.ckpt_path` on the test split of the data its run trained on (export.py's rule); `data=`/`data.*=`
+    given explicitly are used instead, and recorded as such."""
+    ckpt = Path(cfg.ckpt_path)
+    net = load_net(ckpt)
+    data_cfg, data_from = data_config_for(ckpt, cfg)
+    datamodule = instantiate(data_cfg)
     datamodule.prepare_data()
     datamodule.setup("test")
     check_net_fits_data(net, cfg.ckpt_path, datamodule)
@@ -51,7 +58,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer = instantiate(cfg.trainer, logger=False)
     metrics = trainer.test(module, datamodule=datamodule)[0]
     result = {**{k: float(v) for k, v in metrics.items()}, "ckpt_path": str(cfg.ckpt_path),
-              "data_source": datamodule.source}
+              "data_source": datamodule.source, "data_from": data_from}
     atomic_write_text(Path(cfg.paths.output_dir) / "metrics.json", json.dumps(result, indent=2))
     log.info("%s", result)
     return result

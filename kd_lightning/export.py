@@ -65,15 +65,19 @@ def run_config(run_dir: Path) -> DictConfig:
     return config.saved_run_config(run_dir)
 
 
-def data_config_for(ckpt: Path, cfg: DictConfig) -> DictConfig:
-    """The data of the checkpoint's own run, unless `data=`/`data.*=` was given on the command line."""
+def data_config_for(ckpt: Path, cfg: DictConfig) -> tuple[DictConfig, str]:
+    """The data of the checkpoint's own run, unless `data=`/`data.*=` was given on the command line; and where it
+    came from, as eval.py records it (`run <dir>`, `data= given on the command line`, or the entry config's default
+    when the checkpoint has no run dir)."""
     overridden = HydraConfig.initialized() and any(
         o.lstrip("+~").startswith(("data=", "data.")) for o in HydraConfig.get().overrides.task
     )
     run_dir = run_dir_of(ckpt)
-    if run_dir is None or overridden:
-        return cfg.data
-    return run_config(run_dir).data
+    if overridden:
+        return cfg.data, "data= given on the command line"
+    if run_dir is None:
+        return cfg.data, "the default data= (the checkpoint is in no train.py run dir)"
+    return run_config(run_dir).data, f"the checkpoint's run {run_dir}"
 
 
 def load_test_split(datamodule: Any) -> tuple[Tensor, Tensor]:
@@ -162,10 +166,32 @@ def compare(fmt: str, reference: Tensor, exported: Tensor, atol: float, rtol: fl
                  bool((diff <= atol + rtol * reference.abs()).all()), atol, rtol)
 
 
+def add_onnx_metadata(path: str, metadata: dict[str, str]) -> None:
+    """Store `metadata` (e.g. class_names as JSON) in the ONNX file's metadata_props, read back by predict.py."""
+    import onnx
+
+    model = onnx.load(path)
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, path)
+
+
+def input_metadata(datamodule: Any) -> dict[str, str]:
+    """What a deployed file needs besides the net to read an image: class names and the eval pipeline
+    (data=image_folder); empty for the built-in datasets."""
+    if not getattr(datamodule, "class_names", None):
+        return {}
+    import json
+
+    return {key: json.dumps(value) for key, value in datamodule.state_dict().items()}
+
+
 def export_net(net: nn.Module, inputs: Tensor, path: Path, fmt: str, atol: float = 1e-4, rtol: float = 1e-4,
-               source: str = "the given inputs") -> Check:
+               source: str = "the given inputs", metadata: dict[str, str] | None = None) -> Check:
     """Write `net` as `fmt` to `path` if, run from the written file, it reproduces `net` on `inputs`; return the
-    check. The file is written to a temporary name beside `path` and renamed only when it passes."""
+    check. The file is written to a temporary name beside `path` and renamed only when it passes. `metadata`
+    goes into an ONNX file's metadata_props."""
     if fmt not in WRITERS:
         raise ConfigError(f"formats: {fmt!r} is not accepted: any of {', '.join(SUFFIXES)}")
     if fmt == "onnx":
@@ -177,6 +203,8 @@ def export_net(net: nn.Module, inputs: Tensor, path: Path, fmt: str, atol: float
 
     def write_and_check(tmp: str) -> None:
         write(net, inputs[: min(len(inputs), 8)], tmp)
+        if metadata and fmt == "onnx":
+            add_onnx_metadata(tmp, metadata)
         result.append(compare(fmt, reference, batched(run(tmp), inputs), atol, rtol))
         if not result[0].passed:
             raise ExportMismatch(result[0].line(path, source))
@@ -194,13 +222,13 @@ def export(cfg: DictConfig) -> list[Check]:
         require_deploy_packages()  # before any work
     ckpt = Path(cfg.ckpt_path)
     net = load_net(ckpt)
-    datamodule = instantiate(data_config_for(ckpt, cfg))
+    datamodule = instantiate(data_config_for(ckpt, cfg)[0])
     inputs, _ = load_test_split(datamodule)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else ckpt.parent
     checks = []
     for fmt in formats:
         path = out_dir / f"{ckpt.stem}{SUFFIXES[fmt]}"
-        check = export_net(net, inputs, path, fmt, cfg.atol, cfg.rtol, datamodule.source)
+        check = export_net(net, inputs, path, fmt, cfg.atol, cfg.rtol, datamodule.source, input_metadata(datamodule))
         print(check.line(path, datamodule.source), flush=True)
         checks.append(check)
     return checks

@@ -21,6 +21,13 @@ def soft_targets(teacher_logits: Tensor, T: float) -> Tensor:
     return F.log_softmax(teacher_logits.detach() / T, dim=-1)
 
 
+def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Each row z-scored, (z - mean(z)) / (eps + std(z)), std with Bessel's correction as `torch.std`: logit
+    standardization (Sun et al., CVPR 2024), exactly the reference code's `normalize` (logit-standardization-KD,
+    mdistiller/distillers/KD.py). Unchanged, up to eps, by adding a constant to a row or scaling it by a > 0."""
+    return (logits - logits.mean(-1, keepdim=True)) / (eps + logits.std(-1, keepdim=True))
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch (Hinton et al. 2015)."""
     return kd_term(student_logits, soft_targets(teacher_logits, T), T)
@@ -69,25 +76,30 @@ LossTerms = dict[str, Tensor]
 LossGroup = Callable[..., LossTerms]
 
 
-# A group takes the student's logits, the teacher's `soft_targets` at T (None for `hard`), the labels, T, alpha.
-def hard_group(student_logits: Tensor, teacher_log_probs: Tensor | None, labels: Tensor, T: float, alpha: float) -> LossTerms:
+# A group takes the student's logits, the teacher's `soft_targets` at T (None for `hard`), the labels, T, alpha;
+# `soft_logits`, when given, are the student logits the soft term reads instead (logit standardization: the
+# z-scored logits), the hard term reading the raw ones.
+def hard_group(student_logits: Tensor, teacher_log_probs: Tensor | None, labels: Tensor, T: float, alpha: float,
+               soft_logits: Tensor | None = None) -> LossTerms:
     """Cross-entropy on the labels only; the teacher is not needed."""
     hard = F.cross_entropy(student_logits, labels)
     return {"loss": hard, "hard_loss": hard}
 
 
-def soft_group(student_logits: Tensor, teacher_log_probs: Tensor | None, labels: Tensor, T: float, alpha: float) -> LossTerms:
+def soft_group(student_logits: Tensor, teacher_log_probs: Tensor | None, labels: Tensor, T: float, alpha: float,
+               soft_logits: Tensor | None = None) -> LossTerms:
     """The KD term only: the student never sees a label."""
-    soft = kd_term(student_logits, teacher_log_probs, T)
+    soft = kd_term(student_logits if soft_logits is None else soft_logits, teacher_log_probs, T)
     return {"loss": soft, "soft_loss": soft}
 
 
 def hard_soft_group(
-    student_logits: Tensor, teacher_log_probs: Tensor | None, labels: Tensor, T: float, alpha: float
+    student_logits: Tensor, teacher_log_probs: Tensor | None, labels: Tensor, T: float, alpha: float,
+    soft_logits: Tensor | None = None,
 ) -> LossTerms:
     """alpha * soft + (1 - alpha) * hard: alpha weights the soft (teacher) term."""
     hard = F.cross_entropy(student_logits, labels)
-    soft = kd_term(student_logits, teacher_log_probs, T)
+    soft = kd_term(student_logits if soft_logits is None else soft_logits, teacher_log_probs, T)
     # lerp(hard, soft, alpha) = hard + alpha * (soft - hard): the weighted sum in one op instead of three.
     return {"loss": torch.lerp(hard, soft, alpha), "hard_loss": hard, "soft_loss": soft}
 

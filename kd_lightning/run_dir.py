@@ -13,8 +13,11 @@ or pickled to a SLURM job by submitit, names the same dir.
 """
 
 import functools
+import json
 import logging
 import os
+import re
+import shlex
 import socket
 import sys
 import time
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +72,202 @@ class CheckResumeDir(Callback):
         if resume and (error := resume_dir_error(resume)):
             log.error("%s", error)
             sys.exit(2)
+
+
+# ---- what a run records about paths ---------------------------------------------------------------------------
+def recorded_path(run_dir: str | Path, path: str | Path) -> str:
+    """How a run records `path`: relative to its run dir when inside it (so a copied or moved run still names its
+    own files), else absolute."""
+    path, run_dir = Path(path).absolute(), Path(run_dir).absolute()
+    return path.relative_to(run_dir).as_posix() if path.is_relative_to(run_dir) else str(path)
+
+
+def resolve_recorded(run_dir: str | Path, value: str | Path, recorded_dir: str | None = None) -> Path:
+    """A path a run recorded about itself (`recorded_path`), resolved against the dir the run is in now. An absolute
+    path inside `recorded_dir` (the run's `output_dir` when it recorded it: records of older versions) is moved
+    along: a copied run never reads the original's files."""
+    path = Path(value)
+    if not path.is_absolute():
+        return Path(run_dir) / path
+    if recorded_dir and path.is_relative_to(recorded_dir):
+        return Path(run_dir) / path.relative_to(recorded_dir)
+    return path
+
+
+def checked_teacher(ckpt: str | Path, sha256: str | None, run_dir: str | Path) -> Path:
+    """A teacher checkpoint recorded by the run `run_dir` (another run's file: an absolute path and its sha256),
+    checked before use: one line if it is gone or its content changed since the run used it."""
+    from kd_lightning.errors import CheckpointError
+    from kd_lightning.teacher import file_sha256
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise CheckpointError(f"the teacher {ckpt} that {run_dir} was distilled from is gone: restore it, or "
+                              f"retrain the run")
+    if sha256 and (now := file_sha256(ckpt)) != sha256:
+        raise CheckpointError(f"the teacher {ckpt} changed since {run_dir} was distilled from it (sha256 "
+                              f"{now[:12]}..., recorded {sha256[:12]}...): not the teacher of this run")
+    return ckpt
+
+
+def teacher_ckpts_of(run_dir: str | Path, metrics: Mapping[str, Any]) -> list[Path]:
+    """Every teacher checkpoint a finished run's metrics.json names (one, several for multi_teacher, or none),
+    each checked against its recorded sha256."""
+    paths = metrics.get("teacher_ckpts") or ([metrics["teacher_ckpt"]] if metrics.get("teacher_ckpt") else [])
+    shas = metrics.get("teacher_ckpts_sha256") or [None] * len(paths)
+    return [checked_teacher(p, sha, run_dir) for p, sha in zip(paths, shas)]
+
+
+# ---- the resume command ---------------------------------------------------------------------------------------
+def hydra_value(value: str) -> str:
+    """`value` as Hydra's override lexer reads it back: as is when it does, else double-quoted with `\\` escapes
+    (a run dir with non-ASCII characters, quotes or brackets)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    def reads_back(text: str) -> bool:
+        try:
+            return OverridesParser.create().parse_override(f"k={text}").value() == value
+        except Exception:  # noqa: BLE001 - Hydra's lexer refuses it
+            return False
+
+    if reads_back(value):
+        return value
+    # Double quotes: the shell's single quotes then wrap the whole argument without escapes.
+    quoted = '"' + re.sub(r'(\\*)("|$)', lambda m: m.group(1) * 2 + ('\\"' if m.group(2) else ""), value) + '"'
+    assert reads_back(quoted), value
+    return quoted
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command that continues `run_dir`, quoted for the shell and for Hydra's lexer: pasted, it works."""
+    return f"python train.py {shlex.quote('resume=' + hydra_value(str(run_dir)))}"
+
+
+# ---- resume=: the overrides that cannot change what the finished epochs mean ----------------------------------
+# Stopping criteria, where files are, how the console and the loaders work. Anything else (a temperature, a learning
+# rate, a model, the data) would train the remaining epochs with other settings than the finished ones.
+RESUME_KEYS = (
+    "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "callbacks.early_stopping.patience",
+    "paths.data_dir", "paths.log_dir", "paths.cache_dir", "paths.root_dir",
+    "trainer.enable_progress_bar", "callbacks.progress_bar", "trainer.enable_model_summary",
+    "data.num_workers", "data.persistent_workers", "data.pin_memory", "ckpt_path",
+)
+RESUME_CHANGES = "resume_changes.json"  # in the run dir: each setting changed by a resume, and from which epoch
+_ABSENT = object()
+
+
+def _allowed(key: str, keys: Any) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in keys)
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else "(absent)" if value is _ABSENT else str(value)
+
+
+def _saved_value(cfg: DictConfig, key: str) -> Any:
+    node = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+    if OmegaConf.is_config(node):
+        try:
+            return OmegaConf.to_container(node, resolve=True)
+        except Exception:  # noqa: BLE001 - an interpolation that needs Hydra's runtime: as written
+            return OmegaConf.to_container(node, resolve=False)
+    return node
+
+
+def resumed_epoch(checkpoint: Path | None) -> int:
+    """The 0-based epoch in which a fit resumed from `checkpoint` goes on (0 without one)."""
+    if checkpoint is None:
+        return 0
+    from kd_lightning.checkpoints import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    try:
+        return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return int(state.get("epoch", -1)) + 1
+
+
+def recorded_resume_changes(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The settings earlier resumes of `run_dir` changed, oldest first (`RESUME_CHANGES`)."""
+    path = Path(run_dir) / RESUME_CHANGES
+    return json.loads(path.read_text())["changes"] if path.is_file() else []
+
+
+def apply_resume_changes(run_dir: str | Path, cfg: DictConfig, overrides: list[str], force: list[str],
+                         checkpoint: Path | None) -> list[dict[str, Any]]:
+    """Apply to the saved config `cfg` the changes of earlier resumes, then the resume command's `overrides`
+    (Hydra's syntax) that change a setting. Each must be a key of `RESUME_KEYS`, or be listed in `force`
+    (`resume_force=[key, ...]`); anything else, and any config group (model=, data=), is one line naming the key,
+    its saved value and the new one. Return every change, with the epoch from which it holds (recorded in
+    `RESUME_CHANGES` by the caller and in metrics.json)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from kd_lightning.config import CONF_DIR
+    from kd_lightning.errors import ConfigError
+
+    earlier = recorded_resume_changes(run_dir)
+    for change in earlier:
+        _set(cfg, change["key"], change["to"])
+    for key in force:
+        if (CONF_DIR / key).is_dir():
+            raise ConfigError(f"resume_force=[{key}] is not accepted: {key} is a config group, which a resumed run "
+                              "cannot change (its checkpoints hold another net or data): start a new run")
+    choices_file = Path(run_dir) / ".hydra" / "hydra.yaml"
+    choices = OmegaConf.load(choices_file).hydra.runtime.choices if choices_file.is_file() else {}
+    epoch = None
+    changes = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if (CONF_DIR / key).is_dir():  # a config group: model=, data=, experiment=, module/optimizer=, ...
+            new, saved = override.value(), choices.get(key, _ABSENT)
+            if saved is not _ABSENT and str(new) == str(saved):
+                continue  # the run's own choice, e.g. the original command pasted again
+            was = f"the run was trained with {key}={saved}" if saved is not _ABSENT else \
+                f"the run's saved config fixes its {key}"
+            raise ConfigError(f"{override.input_line} is not accepted with resume=: {was}; a resumed run keeps its "
+                              "config groups (its checkpoints hold that net and data): start a new run")
+        saved = _saved_value(cfg, key)
+        new = _ABSENT if override.is_delete() else override.value()
+        if saved == new:
+            continue
+        if saved is _ABSENT and not override.is_add():
+            raise ConfigError(f"{override.input_line} is not accepted with resume=: the run's saved config has no "
+                              f"key {key}")
+        forced = _allowed(key, force)
+        if not (forced or _allowed(key, RESUME_KEYS)):
+            epoch = resumed_epoch(checkpoint) if epoch is None else epoch
+            raise ConfigError(
+                f"{key}={_show(new)} is not accepted with resume=: the run was trained with {key}={_show(saved)}. "
+                f"resume= changes only {', '.join(RESUME_KEYS)} (they cannot change what the finished epochs mean); "
+                f"to change {key} anyway from epoch {epoch} on, add resume_force=[{key}] (recorded in metrics.json)")
+        if key != "ckpt_path":  # which checkpoint to continue from is no setting of the run
+            epoch = resumed_epoch(checkpoint) if epoch is None else epoch
+            changes.append({"key": key, "from": None if saved is _ABSENT else saved, "to": None if new is _ABSENT
+                            else new, "epoch": epoch, "forced": forced and not _allowed(key, RESUME_KEYS)})
+        _set(cfg, key, new)
+    return earlier + changes
+
+
+def _set(cfg: DictConfig, key: str, value: Any) -> None:
+    with open_dict(cfg):
+        if value is _ABSENT:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if node is not None and leaf in node:
+                del node[leaf]
+        else:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+
+
+def record_resume_changes(run_dir: str | Path, changes: list[dict[str, Any]]) -> None:
+    from kd_lightning.checkpoints import atomic_write_text
+
+    atomic_write_text(Path(run_dir) / RESUME_CHANGES, json.dumps({"changes": changes}, indent=2))
+
+
+def run_record(result: Mapping[str, Any]) -> dict[str, Any]:
+    """What metrics.json records of a run's `result`: the paths to its own files relative to its dir (`best_ckpt`),
+    without the dir it ran in (a copied or moved run is the same run)."""
+    record = {k: v for k, v in result.items() if k != "output_dir"}
+    record["best_ckpt"] = recorded_path(result["output_dir"], result["best_ckpt"])
+    return record

@@ -21,9 +21,11 @@ teacher is trained by the first and reused by the others.
 Teacher logits: when a split's inputs are a fixed function of the example (no random augmentation), the
 teacher's logits for the whole split are computed once (eval mode, no grad, batched) and stored as one tensor
 indexed by dataset index in `paths.cache_dir/logits/<teacher file hash>-<data hash>.pt`, with what identifies
-and checks them (teacher checkpoint sha256, data identity, shape, dtype, sha256 of the values). A load checks
-all of these and that the teacher reproduces the first validation batch; any mismatch or damage is logged in
-one line and the cache rebuilt.
+and checks them (teacher checkpoint sha256, data identity with the content fingerprint of the data's files,
+shape, dtype, sha256 of the values). A load checks all of these and that the teacher reproduces the first batch
+of every cached split; any mismatch or damage is logged in one line and the cache rebuilt.
+The trained teacher's key holds the same content fingerprint: other files of the same count and shape train
+another teacher, whose checkpoint (another sha256) keys other logits.
 """
 
 import contextlib
@@ -40,7 +42,7 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from kd_lightning.checkpoints import atomic_copy, atomic_torch_save, atomic_write
+from kd_lightning.checkpoints import atomic_copy, atomic_torch_save, atomic_write, remove_dead_temporaries
 from kd_lightning.config import compose_train_config, is_distillation
 from kd_lightning.launch import train_in_one_process
 
@@ -48,15 +50,21 @@ log = logging.getLogger(__name__)
 
 # What the teacher shares with the run it teaches: which examples, split how, read from where.
 DATA_IDENTITY_KEYS = ("_target_", "data_dir", "num_classes", "train_val_split", "split_seed", "download",
-                      "offline_fallback")
+                      "offline_fallback",
+                      # data=image_folder: the folder, and how its images become inputs (the teacher sees the
+                      # student's eval views through the logit cache, so it is trained on the same ones)
+                      "_recursive_", "root", "channels", "image_size", "train_transforms", "eval_transforms",
+                      "normalization", "stats_sample", "require_test", "hash_content", "cache_dir")
 
 # Keys of the resolved teacher config left out of its cache key, because they cannot change its weights.
 NOT_IN_KEY = (
     "paths",                                       # where data, logs and caches live
-    "task_name", "optimized_metric", "ckpt_path", "resume",
+    "task_name", "optimized_metric", "ckpt_path", "resume", "tags", "extras",
     "trainer_choice",                              # the trainer config it selected is in the key
     "data.data_dir", "data.download", "data.offline_fallback",  # where data is read from: the source found is in the key
     "data.num_workers", "data.pin_memory", "data.persistent_workers",  # how fast it is read
+    # image_folder: its content is in the key through the source (image_folder:<fingerprint>), not its path
+    "data.root", "data.verify_images", "data.cache_decoded", "data.cache_dir", "data.hash_content",
     "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
     "callbacks.progress_bar", "callbacks.lr_monitor", "callbacks.timer",  # what is shown or logged
@@ -91,8 +99,10 @@ def dataset_identity(cfg: DictConfig) -> dict[str, Any]:
     return {k: data[k] for k in DATA_IDENTITY_KEYS if k in data and k not in DATA_KEYS_NOT_HASHED}
 
 
-def teacher_identity(tcfg: DictConfig, data_source: str | None) -> dict[str, Any]:
-    """The resolved teacher config without `NOT_IN_KEY`, plus the data source actually found."""
+def teacher_identity(tcfg: DictConfig, data_source: str | None, data_content: str | None = None) -> dict[str, Any]:
+    """The resolved teacher config without `NOT_IN_KEY`, plus the data source actually found and the fingerprint
+    of its files' content (`KDDataModule.content_fingerprint()`: other images of the same count and shape are
+    another teacher)."""
     probe = tcfg.copy()
     probe.paths.output_dir = ""  # a run dir is chosen after the key; excluded anyway
     identity = OmegaConf.to_container(probe, resolve=True)
@@ -107,6 +117,7 @@ def teacher_identity(tcfg: DictConfig, data_source: str | None) -> dict[str, Any
         identity.pop("distill", None)
         identity.pop("teacher", None)
     identity["data_source"] = data_source
+    identity["data_content"] = data_content
     return identity
 
 
@@ -125,10 +136,12 @@ def first_difference(stored: Any, current: Any, prefix: str = "") -> str:
 
 # ---- the cache of trained teachers --------------------------------------------------------------------------
 class TeacherCache:
-    """One entry of the teacher cache, `cache_dir/<key>/`, for the teacher config `tcfg` on `data_source`."""
+    """One entry of the teacher cache, `cache_dir/<key>/`, for the teacher config `tcfg` on `data_source` whose
+    files have the content fingerprint `data_content`."""
 
-    def __init__(self, cache_dir: str | Path, tcfg: DictConfig, data_source: str | None) -> None:
-        self.identity = teacher_identity(tcfg, data_source)
+    def __init__(self, cache_dir: str | Path, tcfg: DictConfig, data_source: str | None,
+                 data_content: str | None = None) -> None:
+        self.identity = teacher_identity(tcfg, data_source, data_content)
         self.key = teacher_key(self.identity)
         self.dir = Path(cache_dir) / self.key
         self.ckpt, self.record, self.run_dir = self.dir / "teacher.ckpt", self.dir / "teacher.json", self.dir / "run"
@@ -144,6 +157,7 @@ class TeacherCache:
             log.info("Waiting for another run to finish the teacher %s (lock %s.lock held)", self.dir, self.dir)
             lock.acquire()
         try:
+            remove_dead_temporaries(self.dir)  # of a teacher.ckpt/teacher.json write killed mid-way
             yield
         finally:
             lock.release()
@@ -185,7 +199,9 @@ class TeacherCache:
         if not saved.is_file() or not any((checkpoints / n).is_file() for n in ("last.ckpt", "interrupted.ckpt")):
             return False
         try:
-            return teacher_identity(OmegaConf.load(saved), self.identity["data_source"]) == self.identity
+            saved_identity = teacher_identity(OmegaConf.load(saved), self.identity["data_source"],
+                                              self.identity["data_content"])
+            return saved_identity == self.identity
         except Exception:  # noqa: BLE001 - an unreadable record is no run to continue
             return False
 
@@ -202,6 +218,10 @@ class TeacherCache:
         OmegaConf.save(tcfg, self.run_dir / ".hydra" / "config.yaml")  # the layout of a Hydra run dir
         return tcfg
 
+    def discard(self) -> None:
+        """Remove the entry (its run dir and any partial files): the teacher's training failed."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def store(self, best_ckpt: str | Path) -> None:
         """Copy the trained teacher in, then write teacher.json: the entry is complete once that exists."""
         atomic_copy(best_ckpt, self.ckpt)
@@ -215,6 +235,17 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def given_teacher(path: Path, model_cfg: DictConfig, cache_dir: str | Path) -> Path:
+    """The checkpoint of `teacher.ckpt_path=<path>`: a Lightning checkpoint as it is; a released teacher file
+    (`ckpt_epoch_240.pth`: a dict with `model` or `net`) loaded strictly into `model_cfg`'s net and converted once
+    into the cache (kd_lightning/models/cifar100/released.py)."""
+    from kd_lightning.models.cifar100.released import read_released, released_as_checkpoint
+
+    if read_released(path) is None:
+        return path
+    return released_as_checkpoint(path, model_cfg, cache_dir, file_sha256(path))
 
 
 # ---- the cache of teacher logits ----------------------------------------------------------------------------
@@ -257,15 +288,19 @@ def _logit_cache_problem(cached: Any, teacher_sha: str, data_identity: dict, spl
             return f"has {split} logits of dtype {logits.dtype}"
         if tensor_sha256(logits) != check.get("sha256"):
             return f"has damaged {split} logits (checksum mismatch)"
-    # The values belong to this teacher: it reproduces the first validation batch.
-    split = "val" if "val" in splits else splits[0]
-    x, _, idx = next(iter(datamodule.eval_loader(split)))
-    with torch.inference_mode():
-        was_training = teacher.training
-        expected = teacher.eval().to(device)(x.to(device)).float().cpu()
+    # The data's content is in `data_identity` (its files' fingerprint). What remains to check is that the values
+    # are this teacher's outputs on these inputs: it reproduces the first batch of every split.
+    was_training = teacher.training
+    teacher.eval().to(device)
+    try:
+        for split in splits:
+            x, _, idx = next(iter(datamodule.eval_loader(split)))
+            with torch.inference_mode():
+                expected = teacher(x.to(device)).float().cpu()
+            if not torch.allclose(cached["logits"][split][idx], expected, rtol=1e-3, atol=1e-4):
+                return f"does not match the teacher's logits on the first {split} batch"
+    finally:
         teacher.train(was_training).cpu()
-    if not torch.allclose(cached["logits"][split][idx], expected, rtol=1e-3, atol=1e-4):
-        return f"does not match the teacher's logits on the first {split} batch"
     return None
 
 
@@ -281,6 +316,7 @@ def cached_teacher_logits(teacher_ckpt: Path, teacher: nn.Module, datamodule: An
     path = cache_dir / "logits" / f"{teacher_sha[:16]}-{data_key[:16]}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
+        remove_dead_temporaries(path.parent)  # of a logit cache write killed mid-way (kill -9)
         if path.is_file():
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)

@@ -4,14 +4,17 @@ Each failure is one line naming the key, the value and what is accepted. Misspel
 Hydra's struct mode rejects an override of a key that does not exist.
 """
 
+import logging
 import math
 from numbers import Real
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from pytorch_lightning.accelerators import AcceleratorRegistry
 
 from kd_lightning.config import is_distillation
-from kd_lightning.errors import ConfigError
+from kd_lightning.errors import ConfigError, exit_on_error
 from kd_lightning.launch import check_launch
 from kd_lightning.losses import LOSS_GROUPS
 
@@ -68,6 +71,39 @@ def validate_config(cfg: DictConfig) -> None:
         "trainer.max_epochs", max_epochs, "a positive integer (or -1 with a positive trainer.max_steps)",
     )
     check_launch(trainer)
+    check_accelerator(trainer)
+
+
+def usable_accelerators() -> list[str]:
+    """The accelerators Lightning can use on this machine (its registry's `is_available()`), "gpu" among them
+    when CUDA or MPS is."""
+    names = sorted(n for n in AcceleratorRegistry.available_accelerators()
+                   if AcceleratorRegistry[n]["accelerator"].is_available())
+    return names + (["gpu"] if {"cuda", "mps"} & set(names) else [])
+
+
+def check_accelerator(trainer: DictConfig) -> None:
+    """`trainer.accelerator` must be usable here: checked first, so that trainer=gpu on a machine without a GPU
+    fails in one line before any data is read, any teacher trained or any cache entry made."""
+    accelerator = trainer.get("accelerator", "auto")
+    if not isinstance(accelerator, str) or accelerator == "auto":
+        return  # "auto" picks what is there; an Accelerator object is the user's business
+    usable = usable_accelerators()
+    _require(accelerator in usable, "trainer.accelerator", accelerator,
+             f"this machine can use only {', '.join(usable)} (no {accelerator} that torch can see); "
+             f"use trainer=default for the CPU")
+
+
+class CheckAccelerator(Callback):
+    """Hydra callback: `trainer.accelerator` is checked before Hydra creates the run dir, so that trainer=gpu on a
+    machine without a GPU prints one line and writes nothing. (A resumed run's trainer is its saved one: checked
+    by validate_config; a sweep's jobs are checked each, and their failure recorded.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        trainer = config.get("trainer")  # card.py and tracin.py configs have none
+        if trainer is not None and not config.get("resume"):
+            with exit_on_error(logging.getLogger(__name__)):
+                check_accelerator(trainer)
 
 
 def check_num_classes(what: str, model_cfg: DictConfig, datamodule: Any) -> None:

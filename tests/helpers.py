@@ -60,3 +60,12 @@ def run_script(script: str, *overrides: str, cwd: Path | None = None, timeout: i
     )
     assert proc.returncode == expect_rc, f"{script} exited with {proc.returncode}, not {expect_rc}:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def job_dir(sweep: Path, num: int) -> Path:
+    """The dir of job `num` of the multirun in `sweep`, whatever it is named (`<num>_<settings>`, or `<num>` in
+    sweeps written before jobs were named by their settings)."""
+    from kd_lightning.sweeps import job_dirs, job_number
+
+    [found] = [job for job in job_dirs(sweep) if job_number(job) == num]
+    return found

@@ -18,6 +18,7 @@ from kd_lightning.errors import CheckpointError, ConfigError, DataError, NonFini
 from kd_lightning.models import MLP, MnistCNN
 from kd_lightning.modules import ClassifierModule
 from kd_lightning.train import train
+from kd_lightning.validation import validate_config
 
 
 def compose(tmp_path: Path, *overrides: str):
@@ -34,6 +35,8 @@ def compose(tmp_path: Path, *overrides: str):
         ("distill.T=-2.5", "distill.T=-2.5", "in [0.05, 100]"),
         ("distill.T=1e-30", "distill.T=1e-30", "in [0.05, 100]"),  # trained a student at chance, exit 0
         ("distill.T=1000", "distill.T=1000", "in [0.05, 100]"),
+        ("distill.T=0.0499", "distill.T=0.0499", "in [0.05, 100]"),  # just outside the bounds
+        ("distill.T=100.01", "distill.T=100.01", "in [0.05, 100]"),
         ("seed=abc", "seed='abc'", "an integer in [0, 4294967295]"),
         ("seed=-1", "seed=-1", "an integer in [0, 4294967295]"),
         ("distill.alpha=1.5", "distill.alpha=1.5", "[0, 1]"),
@@ -51,6 +54,11 @@ def test_config_values_out_of_range(tmp_path: Path, override: str, key: str, acc
     message = str(err.value)
     assert "\n" not in message and message.startswith(key) and accepted in message
     assert not (tmp_path / "logs").exists()  # raised before any teacher was trained
+
+
+@pytest.mark.parametrize("T", ["0.05", "100", "100.0"])
+def test_temperature_bounds_are_accepted(tmp_path: Path, T: str) -> None:
+    validate_config(compose(tmp_path, "experiment=soft", f"distill.T={T}"))  # raises ConfigError if refused
 
 
 def test_misspelled_override_is_rejected_by_struct_mode() -> None:
@@ -172,8 +180,7 @@ def test_failed_writes_leave_the_previous_file_intact(tmp_path: Path, monkeypatc
     atomic_torch_save({"train": torch.ones(3)}, target)
 
     def broken_save(obj, f, *args, **kwargs):
-        with open(f, "wb") as out:
-            out.write(b"half a file")
+        f.write(b"half a file")  # atomic_torch_save gives torch.save an open file (kd_lightning.checkpoints)
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

@@ -245,7 +245,7 @@ def test_grouping_and_fallback_reasons(common: list[str], tmp_path: Path) -> Non
 def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path: Path) -> None:
     """`python train.py -m ... hydra/launcher=batched`: batchable jobs train together, the others (a CNN
     student) the ordinary way; every job dir as the basic launcher writes it, and the sweep report."""
-    from helpers import run_script
+    from helpers import job_dir, run_script
 
     sweep = tmp_path / "sweep"
     overrides = [o for o in common if not o.startswith("+trainer.precision")]
@@ -253,8 +253,12 @@ def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path
                       f"hydra.sweep.dir={sweep}", "distill.T=2,4", "model=mlp_784_16_10,mnist_cnn")
     assert "Training jobs [0, 2] together" in proc.stdout + proc.stderr
     assert "Jobs [1, 3] run one by one (the model is not an MLP without dropout)" in proc.stdout + proc.stderr
+    # Job dirs named by what the sweep varies, as the basic launcher names them.
+    assert [job_dir(sweep, j).name for j in range(4)] == [
+        "000_distill.T:2+model:mlp_784_16_10", "001_distill.T:2+model:mnist_cnn",
+        "002_distill.T:4+model:mlp_784_16_10", "003_distill.T:4+model:mnist_cnn"]
     for job in range(4):
-        d = sweep / str(job)
+        d = job_dir(sweep, job)
         assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= {p.name for p in (d / ".hydra").iterdir()}
         job_cfg = OmegaConf.load(d / ".hydra" / "config.yaml")  # its own config (the launcher reuses the checked ones)
         assert OmegaConf.load(d / ".hydra" / "overrides.yaml")[-2:] == [f"distill.T={job_cfg.distill.T}",
@@ -262,7 +266,7 @@ def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path
         metrics = json.loads((d / "metrics.json").read_text())
         assert metrics["epochs"] == 2 and metrics["output_dir"] == str(d)
         assert {"best.ckpt", "last.ckpt", "epoch001.ckpt"} <= {p.name for p in (d / "checkpoints").iterdir()}
-    keys = [set(json.loads((sweep / str(j) / "metrics.json").read_text())) for j in range(4)]
+    keys = [set(json.loads((job_dir(sweep, j) / "metrics.json").read_text())) for j in range(4)]
     assert keys[0] == keys[1] == keys[2] == keys[3]
     assert (sweep / "results.md").is_file() and (sweep / "curves.png").is_file()
 
@@ -330,3 +334,75 @@ def test_bf16_mixed_jobs_train_together_under_autocast(common: list[str], tmp_pa
     for key in ("best_val_loss", "test/loss"):
         assert batched[0][key] == pytest.approx(alone[key], rel=0.05), key
     assert batched[0]["test/acc"] == pytest.approx(alone["test/acc"], abs=0.05)
+
+
+class Killed(BaseException):
+    """A kill -9 at that point: nothing after it runs (no handler catches a BaseException of this kind)."""
+
+
+@pytest.mark.slow  # three in-process sweeps of three small jobs
+def test_a_group_killed_while_writing_its_outputs_resumes_from_its_state(
+        common: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Issue 25.9: killed after some jobs of a group had written their outputs, the rerun retrained the others
+    from epoch 0 (the group's key changed when the finished jobs dropped out) and left its state behind. The key
+    covers the whole group: the rerun trains nothing, writes the other jobs' outputs from the saved state (equal
+    to an uninterrupted sweep's), and removes that state and any state no group can use."""
+    import sys
+
+    import kd_lightning.batched.stacked as stacked
+    from kd_lightning.train import main
+
+    def sweep(sweep_dir: Path) -> str:
+        argv = ["train.py", "-m", *(o for o in common if "max_epochs" not in o), "trainer.max_epochs=2",
+                "callbacks.early_stopping=null", "hydra/launcher=batched", f"hydra.sweep.dir={sweep_dir}",
+                "distill.T=2,4,8"]
+        monkeypatch.setattr(sys, "argv", argv)
+        try:
+            main()
+        except SystemExit as exited:
+            assert not exited.code, capsys.readouterr()
+        return "".join(capsys.readouterr())
+
+    def metrics(sweep_dir: Path, job: int) -> dict:
+        m = json.loads((sweep_dir / str(job) / "metrics.json").read_text())
+        return {k: v for k, v in m.items() if k.startswith(("test/", "val/")) or k in ("best_val_loss", "best_epoch", "epochs")}
+
+    sweep(tmp_path / "once")  # uninterrupted
+
+    real_finish, finished = stacked.finish, []
+
+    def killed_after_one(*args, **kwargs):
+        if finished:
+            raise Killed
+        finished.append(real_finish(*args, **kwargs))
+        return finished[-1]
+
+    monkeypatch.setattr(stacked, "finish", killed_after_one)
+    with pytest.raises(Killed):
+        sweep(tmp_path / "twice")
+    capsys.readouterr()
+    twice = tmp_path / "twice"
+    assert [(twice / str(j) / "metrics.json").is_file() for j in range(3)] == [True, False, False]
+    (state,) = (twice / ".batched").glob("*.pt")
+    # States no group can use: one written before states were keyed on the whole group (no job list), and
+    # one whose jobs all finished.
+    (twice / ".batched" / "0123456789abcdef.pt").write_bytes(state.read_bytes())
+    (twice / ".batched" / "fedcba9876543210.pt").write_bytes(b"x")
+    (twice / ".batched" / "fedcba9876543210.json").write_text(json.dumps(
+        {"jobs": [[str(twice / "0"), json.loads((twice / "0" / "metrics.json").read_text())["overrides"]]]}))
+
+    monkeypatch.setattr(stacked, "finish", real_finish)
+    real_evaluate, splits = stacked.evaluate, []
+
+    def recording_evaluate(*args, **kwargs):
+        splits.append(args[2])
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(stacked, "evaluate", recording_evaluate)
+    output = sweep(twice)
+    assert "Group of 2 jobs resumes at epoch 3" in output, output[-3000:]
+    assert "val" not in splits  # no epoch was trained again: only the tests of the two jobs left
+    assert splits == ["test", "test"]
+    for job in range(3):
+        assert metrics(twice, job) == metrics(tmp_path / "once", job), job
+    assert list((twice / ".batched").iterdir()) == []

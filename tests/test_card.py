@@ -19,7 +19,7 @@ from kd_lightning.card import PANEL, calibration_error, plot, reliability_bins, 
 from kd_lightning.card import test_logits as split_logits  # not collected as a test
 from kd_lightning.checkpoints import load_net
 from kd_lightning.config import compose_train_config
-from kd_lightning.errors import InputError
+from kd_lightning.errors import CheckpointError, InputError
 from kd_lightning.tensorboard_figures import log_test_figures
 from kd_lightning.train import train
 
@@ -89,7 +89,7 @@ def test_card_from_given_logits_equals_the_card_computed_from_the_checkpoints(
     datamodule.prepare_data()
     datamodule.setup("test")
     teacher, _, _ = split_logits(load_net(metrics["teacher_ckpt"]), datamodule)
-    student, labels, _ = split_logits(load_net(metrics["best_ckpt"]), datamodule)
+    student, labels, _ = split_logits(load_net(soft_run / metrics["best_ckpt"]), datamodule)
     given = write_card(soft_run, cfg, datamodule=datamodule, teacher_logits=teacher, student_logits=student,
                        labels=labels)
     assert (soft_run / "MODEL_CARD.md").read_text() == computed_markdown
@@ -127,7 +127,7 @@ def test_log_test_figures_logs_what_the_callback_logs(soft_run: Path, tmp_path: 
     datamodule.prepare_data()
     datamodule.setup("test")
     teacher, _, _ = split_logits(load_net(metrics["teacher_ckpt"]), datamodule)
-    student, labels, _ = split_logits(load_net(metrics["best_ckpt"]), datamodule)
+    student, labels, _ = split_logits(load_net(soft_run / metrics["best_ckpt"]), datamodule)
     writer = SummaryWriter(str(tmp_path / "tb"))
     log_test_figures(writer, student, labels, 7, teacher_logits=teacher, T=cfg.distill.T, run_dir=soft_run)
     writer.close()
@@ -190,6 +190,44 @@ def test_card_of_a_run_without_teacher_is_a_one_line_error(soft_run: Path) -> No
     teacher_run = next((soft_run.parent / "logs" / "teachers").glob("*/run"))
     with pytest.raises(InputError, match=r"names no teacher \(no teacher_ckpt in its metrics.json\)"):
         write_card(teacher_run)
+
+
+def test_card_of_a_copied_run_reads_the_copys_checkpoint(soft_run: Path, tmp_path: Path) -> None:
+    """metrics.json names the run's own checkpoint relative to its dir: the card of a copy reads the copy's, and a
+    damaged one there is an error, not the original's read instead."""
+    copy = tmp_path / "cöpy"
+    shutil.copytree(soft_run, copy)
+    assert json.loads((copy / "metrics.json").read_text())["best_ckpt"] == "checkpoints/best.ckpt"
+    card = write_card(copy)
+    assert card["student"]["ckpt"] == str(copy / "checkpoints" / "best.ckpt")
+    for ckpt in (copy / "checkpoints").glob("*.ckpt"):
+        ckpt.write_bytes(ckpt.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match=rf"^{copy / 'checkpoints' / 'best.ckpt'} is truncated"):
+        write_card(copy)
+
+
+def test_card_checks_the_teacher_against_its_recorded_sha256(soft_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(soft_run, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["teacher_ckpts_sha256"] = ["f" * 64]  # the teacher's file has changed since the run used it
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(CheckpointError, match=rf"^the teacher {metrics['teacher_ckpt']} changed since {copy} was "
+                                              r"distilled from it \(sha256 \w{12}\.\.\., recorded ffffffffffff\.\.\.\)"):
+        write_card(copy)
+
+
+def test_card_of_a_multi_teacher_run_is_one_line(soft_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(soft_run, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    teacher, sha = metrics["teacher_ckpt"], metrics["teacher_ckpts_sha256"][0]
+    metrics.update(teacher_ckpt=None, teacher_ckpts=[teacher, teacher], teacher_ckpts_sha256=[sha, sha])  # as written
+    (copy / "metrics.json").write_text(json.dumps(metrics))  # by a multi_teacher run
+    with pytest.raises(InputError) as err:
+        write_card(copy)
+    assert str(err.value) == (f"student_run={copy} was distilled from 2 teachers (multi_teacher): multi-teacher cards "
+                              "are not supported; the card compares one teacher with its student")
 
 
 @pytest.mark.slow

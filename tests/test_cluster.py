@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from helpers import ROOT, run_script, subprocess_env
+from helpers import ROOT, job_dir, run_script, subprocess_env
 from kd_lightning.config import compose_train_config
 from kd_lightning.data import MNISTDataModule
 from kd_lightning.models import MnistCNN
@@ -185,15 +185,17 @@ def test_submitit_local_sweep(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     proc = run_script("train.py", "-m", "hydra/launcher=submitit_local", *STUDENT, "distill.T=2.0,-1",
                       *offline(tmp_path), f"hydra.sweep.dir={sweep}", expect_rc=1)  # as the basic launcher: 1 failed
-    assert f"1 job(s) of the sweep failed; their errors: {sweep / '1' / 'failed.json'}" in proc.stderr + proc.stdout
+    assert f"1 job(s) of the sweep failed; their errors: {job_dir(sweep, 1) / 'failed.json'}" in proc.stderr + proc.stdout
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # submitit's own job folders
-    failure = json.loads((sweep / "1" / "failed.json").read_text())
+    # Named by their settings in submitit's own processes too (the sweep's command line from its sweep.json).
+    assert [job_dir(sweep, j).name for j in (0, 1)] == ["000_distill.T:2.0", "001_distill.T:-1"]
+    failure = json.loads((job_dir(sweep, 1) / "failed.json").read_text())
     assert failure["error"].startswith("ConfigError: distill.T=-1 is not accepted: a temperature in [0.05, 100]")
     assert "- job 1 failed: ConfigError: distill.T=-1" in (sweep / "results.md").read_text()
     # Job 0 equals the same run in one process here.
     single = train(compose_train_config([*STUDENT, "distill.T=2.0", *offline(tmp_path),
                                          f"paths.output_dir={tmp_path / 'single'}"]))
-    assert_same_result(metrics_of(sweep / "0"), single)
+    assert_same_result(metrics_of(job_dir(sweep, 0)), single)
 
 
 # --- The teacher under many ranks and many jobs ------------------------------------------------------------------
@@ -212,7 +214,7 @@ def provide_as(rank: int, run_id: str, work: Path, delay: float) -> None:
         with open(work / "trainings.log", "a") as f:
             f.write(f"{run_id} rank {rank} devices={tcfg.trainer.devices} strategy={tcfg.trainer.strategy}\n")
         time.sleep(1.0)  # long enough for the others to arrive while it trains
-        torch.manual_seed(0)
+        torch.manual_seed(10 * rank + ord(run_id[-1]))  # each stand-in its own weights: "the same weights" can fail
         path = work / f"best-{run_id}-{rank}.ckpt"
         torch.save({"state_dict": {f"net.{k}": v for k, v in MnistCNN().state_dict().items()}}, path)
         return {"best_ckpt": str(path)}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import random_split
 
-from fake_data import write_mnist
+from fake_data import mnist_sample_order, write_mnist
 from kd_lightning.data import FashionMNISTDataModule, MNISTDataModule, TensorLoader
 from kd_lightning.data.mnist import SAMPLE_SOURCE, load_mnist_sample
 
@@ -25,7 +25,7 @@ def test_reads_idx_files_through_torchvision(tmp_path: Path) -> None:
     assert dm.source == "mnist"
     assert {k: len(v[0]) for k, v in dm.splits.items()} == {"train": 320, "val": 80, "test": 100}
     # The test split is the official test file, untouched; train and val partition the training file.
-    images, labels = load_mnist_sample()
+    images, labels = (t[mnist_sample_order()] for t in load_mnist_sample())  # in the files' order
     assert torch.equal(dm.splits["test"][0], images[400:500])
     assert torch.equal(dm.splits["test"][1], labels[400:500])
     # Same split as torch's random_split with generator seed 42.
@@ -107,3 +107,23 @@ def test_tensor_loader_shards_across_ranks() -> None:
     ]
     assert all(len(s) == 4 for s in shards)  # 10 padded to 12 by repetition, 4 per rank
     assert set(torch.cat(shards).tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize("n", [7, 10, 1001])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_uneven_evaluation_shards_cover_every_example_once(n: int, world_size: int) -> None:
+    """Evaluation shards (even_shards=False) over the ranks hold each example exactly once, even when n does not
+    divide; training shards (even_shards=True) are padded to the same number of batches on every rank."""
+    from kd_lightning.data.loader import TensorLoader
+
+    images, labels = torch.zeros(n, 2, dtype=torch.uint8), torch.arange(n)
+    seen, batches = [], []
+    for rank in range(world_size):
+        shard = TensorLoader(images, labels, 4, lambda x: x.float(), rank=rank, world_size=world_size,
+                             even_shards=False)
+        seen += [i for _, _, idx in shard for i in idx.tolist()]
+        train = TensorLoader(images, labels, 4, lambda x: x.float(), shuffle=True, rank=rank,
+                             world_size=world_size, even_shards=True)
+        batches.append(len(list(train)))
+    assert sorted(seen) == list(range(n))
+    assert len(set(batches)) == 1

@@ -29,7 +29,8 @@ PLACEHOLDERS = {  # what a user would type for each placeholder; paths need not 
     "<timestamp>": "2026-01-01_00-00-00_host-1",
     "<time>": "2026-01-01_00-00-00_host-1",
     "<run>": "2026-01-01_00-00-00_host-1",
-    "<job dir>": "logs/train/multiruns/x/0",
+    "<job dir>": "logs/train/multiruns/x/003_distill.T:4+distill.alpha:0.9",  # as sweeps name them
+    "<sweep dir>": "logs/train/multiruns/x",
     "<run dir>": "logs/train/runs/x",
     "<the student's run dir>": "logs/train/runs/x",
     "<dir>": "logs/train/runs/x",
@@ -42,6 +43,7 @@ PLACEHOLDERS = {  # what a user would type for each placeholder; paths need not 
     "<fake or real CIFAR-100>": "cifar100",
     "$SLURM_JOB_ID": "1234",
     "DIR": "data/images",
+    "<image file or folder>": "data/images/test",
     "=...": "=logs/train/runs/x",  # `student_run=...`; a bare `...` (more overrides) is dropped
 }
 HYDRA_CONFIGS = {  # entry point -> its primary config

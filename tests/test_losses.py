@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.losses import LOSS_GROUPS, get_loss_group, kd_loss, soft_targets
+from kd_lightning.losses import LOSS_GROUPS, get_loss_group, kd_loss, soft_targets, standardize
 
 STUDENT = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], dtype=torch.float64)
 TEACHER = torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, 4.0]], dtype=torch.float64)
@@ -116,3 +116,29 @@ def test_hard_group_needs_no_teacher() -> None:
 def test_unknown_group_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"distill.group='hardsoft'.*'hard', 'hard_soft', 'soft'"):
         get_loss_group("hardsoft")
+
+
+def test_standardize_by_hand_and_its_invariance() -> None:
+    """Logit standardization's z-score: (z - mean) / (1e-7 + sd), sd with Bessel's correction (torch.std)."""
+    row = [1.0, 2.0, 0.5]
+    mean = sum(row) / 3
+    sd = math.sqrt(sum((v - mean) ** 2 for v in row) / 2)
+    expected = [(v - mean) / (1e-7 + sd) for v in row]
+    assert standardize(STUDENT[:1])[0].tolist() == pytest.approx(expected, rel=1e-12)
+    torch.testing.assert_close(standardize(STUDENT * 4.0 - 3.0), standardize(STUDENT), rtol=1e-6, atol=1e-6)
+    z = standardize(torch.randn(5, 10, dtype=torch.float64))
+    torch.testing.assert_close(z.mean(1), torch.zeros(5, dtype=torch.float64))
+    torch.testing.assert_close(z.std(1), torch.ones(5, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+def test_groups_soft_term_reads_soft_logits_when_given() -> None:
+    """Logit standardization: the soft term on z-scored logits, the hard term on the raw ones."""
+    T, alpha = 2.0, 0.3
+    z = standardize(STUDENT)
+    targets = soft_targets(standardize(TEACHER), T)
+    hard = F.cross_entropy(STUDENT, LABELS)
+    soft = torch.tensor(kd_by_hand(z.tolist(), standardize(TEACHER).tolist(), T), dtype=torch.float64)
+    terms = LOSS_GROUPS["hard_soft"][0](STUDENT, targets, LABELS, T, alpha, soft_logits=z)
+    torch.testing.assert_close(terms["hard_loss"], hard)
+    torch.testing.assert_close(terms["soft_loss"], soft)
+    torch.testing.assert_close(LOSS_GROUPS["soft"][0](STUDENT, targets, LABELS, T, alpha, soft_logits=z)["loss"], soft)

@@ -199,7 +199,8 @@ def test_another_teacher_config_never_reuses_a_cached_teacher(tmp_path: Path, ca
     assert "Using the cached teacher" in caplog.text and again["teacher_ckpt"] == second["teacher_ckpt"]
 
     cfg = tiny(tmp_path, "c")
-    cache = TeacherCache(cfg.paths.cache_dir, compose_teacher_config(cfg), "mnist-sample-5k")
+    content = prepare_data(cfg).content_fingerprint()  # the data's files are part of the teacher's identity
+    cache = TeacherCache(cfg.paths.cache_dir, compose_teacher_config(cfg), "mnist-sample-5k", content)
     assert cache.dir == entry and cache.verified()
     stored_identity = cache.identity
 

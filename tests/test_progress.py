@@ -80,7 +80,27 @@ def test_deferred_checkpoint_sync_keeps_order_and_reports_errors(tmp_path: Path,
 
     from kd_lightning.checkpoints import AtomicCheckpointIO
 
+    import threading
+
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    # Deferred: a save returns while its fsync is still held back (a synchronous writer would wait in it here,
+    # time out and find the save not yet returned).
+    release, returned_first = threading.Event(), []
+    real_fsync = os.fsync
+
+    def held_fsync(fd: int) -> None:
+        returned_first.append(release.wait(timeout=10))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", held_fsync)
+    with io.deferred_sync():
+        io.save_checkpoint({"step": 0}, path)
+    assert not path.exists()  # written to its temporary file, not yet renamed into place
+    release.set()
+    io.wait()
+    monkeypatch.undo()
+    assert returned_first and all(returned_first) and torch.load(path, weights_only=True)["step"] == 0
+
     with io.deferred_sync():
         for step in range(3):
             io.save_checkpoint({"step": step}, path)

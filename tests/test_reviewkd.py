@@ -167,16 +167,17 @@ def test_gradients_reach_student_and_fusions_only() -> None:
     assert "method.abfs.0.att_conv.0.weight" in module.state_dict()
 
 
-def test_a_batch_of_one_trains_on_ce_and_is_counted(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_batch_of_one_trains_on_ce_and_is_counted() -> None:
     module = DistillModule(MnistConvStudent(), MnistCNN(), optimizer=partial(torch.optim.SGD, lr=0.1),
                            method="reviewkd", method_hparams=review_hparams())
     module.build_method((1, 28, 28))
     x, y = torch.randn(1, 1, 28, 28), torch.tensor([3])
-    with caplog.at_level("WARNING", logger="kd_lightning.methods.reviewkd"):
-        loss = module.training_step((x, y, torch.arange(1)), 0)
-        module.training_step((x, y, torch.arange(1)), 1)
+    loss = module.training_step((x, y, torch.arange(1)), 0)
+    module.training_step((x, y, torch.arange(1)), 1)
     assert loss.item() == pytest.approx(F.cross_entropy(module.net(x), y).item(), rel=1e-6)
-    assert module.method.skipped_batches == 2 and caplog.text.count("its ReviewKD term is skipped") == 1
+    assert module.method.small_batches_skipped == 2
+    module.training_step((torch.randn(2, 1, 28, 28), torch.tensor([3, 4]), torch.arange(2)), 2)
+    assert module.method.small_batches_skipped == 2  # two examples: the term is there
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -184,7 +185,7 @@ def test_a_batch_of_one_trains_on_ce_and_is_counted(caplog: pytest.LogCaptureFix
      r"^distill.reviewkd.teacher_layers=\['features.1'\] is not accepted: one teacher layer per student layer "),
     (["distill.reviewkd.weight=-1"], r"^distill.reviewkd.weight=-1 is not accepted: a number >= 0$"),
     (["distill.reviewkd.max_mid_channels=0"], r"^distill.reviewkd.max_mid_channels=0 is not accepted: an integer > 0$"),
-    ([], r"declares none \(feature_layers\): use a conv net"),  # the MLP student of experiment=soft
+    ([], r"^distill.reviewkd.student_layers=null needs the student net to declare feature maps, but MLP declares"),
 ])
 def test_bad_settings_are_one_line_config_errors(overrides: list[str], message: str) -> None:
     cfg = compose_train_config(["experiment=soft", "distill.method=reviewkd", *overrides])

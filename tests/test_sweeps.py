@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from helpers import ROOT, run_script
+from helpers import ROOT, job_dir, run_script
 from helpers import offline_overrides as offline
 from kd_lightning.config import CONF_DIR
 
@@ -35,8 +35,12 @@ def test_grid_sweep_report(grid: tuple[Path, list[str]]) -> None:
     with open(sweep / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["T"], r["alpha"]) for r in rows] == [("1", "0.1"), ("1", "0.9"), ("4", "0.1"), ("4", "0.9")]
+    # Job dirs named by what the sweep varies, the job number first (TensorBoard lists its runs by these names).
+    assert [r["dir"] for r in rows] == ["000_distill.T:1+distill.alpha:0.1", "001_distill.T:1+distill.alpha:0.9",
+                                        "002_distill.T:4+distill.alpha:0.1", "003_distill.T:4+distill.alpha:0.9"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [r["dir"] for r in rows]
     for row in rows:
-        metrics = json.loads((sweep / row["job"] / "metrics.json").read_text())
+        metrics = json.loads((sweep / row["dir"] / "metrics.json").read_text())
         assert row["status"] == "done" and row["group"] == "hard_soft" and row["seed"] == "42"
         assert float(row["test_acc"]) == pytest.approx(metrics["test/acc"])
         assert float(row["val_acc"]) == pytest.approx(metrics["val/acc"])
@@ -53,7 +57,7 @@ def test_grid_sweep_report(grid: tuple[Path, list[str]]) -> None:
 
     # One TensorBoard for the whole sweep: every job's run carries its hparams (the HParams tab).
     for job in range(4):
-        tags = {v.tag for f in (sweep / str(job) / "tensorboard").glob("events.*")
+        tags = {v.tag for f in (job_dir(sweep, job) / "tensorboard").glob("events.*")
                 for event in EventFileLoader(str(f)).Load() for v in event.summary.value}
         assert {"_hparams_/experiment", "_hparams_/session_start_info", "hp/test_acc", "val/loss"} <= tags
 
@@ -61,15 +65,22 @@ def test_grid_sweep_report(grid: tuple[Path, list[str]]) -> None:
 @pytest.mark.slow  # multirun
 def test_rerunning_the_sweep_skips_finished_jobs(grid: tuple[Path, list[str]]) -> None:
     sweep, command = grid
-    stamps = {job: (sweep / str(job) / "metrics.json").stat().st_mtime_ns for job in range(4)}
+    jobs = [job_dir(sweep, j) for j in range(4)]
+    stamps = [(job / "metrics.json").stat().st_mtime_ns for job in jobs]
     # Job 3 "did not finish": its result is gone but its last checkpoint is there.
-    (sweep / "3" / "metrics.json").unlink()
+    (jobs[3] / "metrics.json").unlink()
+    # Job 2's result was damaged (issue 25, 8): it counts as unfinished, the sweep goes on and trains it again.
+    damaged = jobs[2] / "metrics.json"
+    damaged.write_text(damaged.read_text()[:100])
     proc = run_script("train.py", *command)
     log = proc.stdout + proc.stderr
-    assert log.count("finished in an earlier run of this sweep: skipped") == 3
-    assert "Job 3 resumes from its last checkpoint" in log
-    assert all((sweep / str(j) / "metrics.json").stat().st_mtime_ns == stamps[j] for j in range(3))
-    assert (sweep / "3" / "metrics.json").is_file()
+    assert log.count("finished in an earlier run of this sweep: skipped") == 2
+    assert log.count(f"{damaged} is damaged (JSONDecodeError: ") == 1
+    assert f"Job {jobs[3].name} resumes from its last checkpoint" in log
+    assert all((jobs[j] / "metrics.json").stat().st_mtime_ns == stamps[j] for j in range(2))
+    for job in jobs[2:]:
+        assert json.loads((job / "metrics.json").read_text())["epochs"] == 2
+    assert "4 of 4 jobs done" in (sweep / "results.md").read_text()
 
 
 @pytest.mark.slow  # a notebook, on a multirun
@@ -91,14 +102,14 @@ def test_joblib_parallel_jobs_share_one_teacher_and_failures_do_not_stop_the_swe
     sweep = tmp_path / "sweep"
     run_script("train.py", "-m", "experiment=soft", "distill.T=2,-1,3", "hydra/launcher=joblib",
                "hydra.launcher.n_jobs=2", *TINY, *offline(tmp_path), f"hydra.sweep.dir={sweep}", expect_rc=1)
-    logs = [(sweep / str(job) / "train.log").read_text() for job in range(3)]
+    logs = [(job_dir(sweep, job) / "train.log").read_text() for job in range(3)]
     assert sum("Training the teacher" in log for log in logs) == 1
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     assert all(f"2 jobs at once on {len(os.sched_getaffinity(0))} cores: {threads} torch threads" in log for log in logs)
     assert len(list((tmp_path / "logs" / "teachers").glob("*/teacher.ckpt"))) == 1
-    failure = json.loads((sweep / "1" / "failed.json").read_text())
+    failure = json.loads((job_dir(sweep, 1) / "failed.json").read_text())
     assert failure["error"].startswith("ConfigError: distill.T=-1 is not accepted: a temperature in [0.05, 100]")
-    assert (sweep / "0" / "metrics.json").is_file() and (sweep / "2" / "metrics.json").is_file()
+    assert (job_dir(sweep, 0) / "metrics.json").is_file() and (job_dir(sweep, 2) / "metrics.json").is_file()
     assert "- job 1 failed: ConfigError: distill.T=-1" in (sweep / "results.md").read_text()
 
 
@@ -109,7 +120,7 @@ def test_two_optuna_trials(tmp_path: Path) -> None:
                f"hydra.sweep.dir={sweep}")
     result = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in result and "distill.T" in result and "distill.alpha" in result
-    values = [json.loads((sweep / str(j) / "metrics.json").read_text())["val/acc"] for j in range(2)]
+    values = [json.loads((job_dir(sweep, j) / "metrics.json").read_text())["val/acc"] for j in range(2)]
     assert f"best_value: {max(values)}" in result
 
 

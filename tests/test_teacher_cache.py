@@ -139,3 +139,59 @@ def test_a_damaged_or_foreign_logit_cache_is_named_and_rebuilt(tmp_path: Path, d
     caplog.clear()
     cached_teacher_logits(tmp_path / "t.ckpt", teacher, datamodule, tmp_path / "cache")  # the rebuilt file is good
     assert "Using cached teacher logits" in caplog.text and "computing it again" not in caplog.text
+
+
+def disk_full_after(n_bytes: int):
+    """A writer that puts `n_bytes` into its file, then fails as a full disk does."""
+    import errno
+
+    def write(_obj_or_src, dst, *args, **kwargs) -> None:
+        with open(dst, "wb") as out:
+            out.write(b"x" * n_bytes)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return write
+
+
+def test_a_failed_logit_cache_write_leaves_no_file(tmp_path: Path, datamodule: MNISTDataModule,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The disk fills while the logit cache is written: no file and no temporary stay, the next run computes it."""
+    torch.manual_seed(0)
+    teacher = MLP([16]).eval()
+    torch.save({"state_dict": {f"net.{k}": v for k, v in teacher.state_dict().items()}}, tmp_path / "t.ckpt")
+    monkeypatch.setattr(torch, "save", disk_full_after(1000))
+    with pytest.raises(OSError, match="No space left"):
+        cached_teacher_logits(tmp_path / "t.ckpt", teacher, datamodule, tmp_path / "cache")
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "cache" / "logits").iterdir() if not p.name.endswith(".lock")] == []
+    caplog.set_level(logging.INFO)
+    logits = cached_teacher_logits(tmp_path / "t.ckpt", teacher, datamodule, tmp_path / "cache")
+    assert "Computing the teacher's logits" in caplog.text and "computing it again" not in caplog.text
+    torch.testing.assert_close(logits["test"], teacher(datamodule.normalize(datamodule.splits["test"][0].float())))
+
+
+@pytest.mark.parametrize("failing", ["teacher.ckpt", "teacher.json"])
+def test_a_failed_teacher_store_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    """TeacherCache.store on a full disk, while copying the checkpoint or writing the record: the entry does not
+    verify (nothing half-written is reused), no temporary file stays, and a later store completes it."""
+    import shutil
+
+    from kd_lightning.config import compose_train_config
+    from kd_lightning.teacher import TeacherCache, compose_teacher_config
+
+    cache = TeacherCache(tmp_path / "cache", compose_teacher_config(compose_train_config(["experiment=soft"])), "mnist")
+    best = save_teacher(tmp_path / "best.ckpt", seed=0) and tmp_path / "best.ckpt"
+    if failing == "teacher.ckpt":
+        monkeypatch.setattr(shutil, "copyfile", disk_full_after(1000))
+    else:
+        write = disk_full_after(10)
+        monkeypatch.setattr(Path, "write_text", lambda self, text, *a, **k: write(text, self))
+    with pytest.raises(OSError, match="No space left"):
+        cache.store(best)
+    monkeypatch.undo()
+    assert not cache.record.exists()
+    assert not [p for p in cache.dir.iterdir() if p.name.endswith(".tmp")]
+    assert not cache.verified()  # an unfinished entry is removed, to be trained again
+    cache.store(best)
+    assert cache.verified()

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import ROOT, run_script
+from helpers import ROOT, job_dir, run_script
 from kd_lightning.checkpoints import AtomicCheckpointIO, atomic_torch_save, intact_checkpoint
 from kd_lightning.config import CONF_DIR, compose_train_config
 from kd_lightning.errors import CheckpointError, ConfigError, DataError, Interrupted
@@ -155,9 +155,8 @@ def test_checkpoints_are_written_atomically_in_their_own_dir(tmp_path: Path, mon
     assert dst == ckpt and src.parent == ckpt.parent  # the temporary file is never on another filesystem
     before = ckpt.read_bytes()
 
-    def disk_full(obj, f, *args, **kwargs):  # the disk fills up half way through the checkpoint
-        with open(f, "wb") as out:
-            out.write(b"x" * 1000)
+    def disk_full(obj, f, *args, **kwargs):  # the disk fills up half way through the checkpoint (f: an open file)
+        f.write(b"x" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
@@ -168,11 +167,16 @@ def test_checkpoints_are_written_atomically_in_their_own_dir(tmp_path: Path, mon
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
 
 
-def test_every_train_py_trainer_writes_checkpoints_atomically(tmp_path: Path) -> None:
-    for trainer_config in ("default", "ddp_cpu"):
-        cfg = compose_train_config([f"trainer={trainer_config}", f"paths.output_dir={tmp_path}"])
-        trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
-        assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO), trainer_config
+@pytest.mark.parametrize("trainer_config", sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml")))
+def test_every_train_py_trainer_writes_checkpoints_atomically(tmp_path: Path, trainer_config: str) -> None:
+    """Every trainer config (ddp_spawn and ddp_cpu list their plugins by hand, replacing default.yaml's list),
+    instantiated as Lightning builds it; GPU configs on the CPU here, with the rest of their settings."""
+    cfg = compose_train_config([f"trainer={trainer_config}", f"paths.output_dir={tmp_path}"])
+    targets = [plugin["_target_"] for plugin in cfg.trainer.get("plugins") or []]
+    assert "kd_lightning.checkpoints.AtomicCheckpointIO" in targets, trainer_config
+    on_cpu = {"accelerator": "cpu", "precision": "32-true", "devices": 2} if cfg.trainer.accelerator != "cpu" else {}
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False, **on_cpu)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO), trainer_config
 
 
 def test_cache_files_get_the_umask_mode_not_0600(tmp_path: Path) -> None:
@@ -260,13 +264,15 @@ def test_eval_errors_are_one_line(tmp_path: Path) -> None:
         net = instantiate(net_config)
         torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "net_config": net_config},
                    ckpt)
-        with pytest.raises(CheckpointError, match=f"^{ckpt} holds a MLP {expected}.*: evaluate it on the data"):
+        with pytest.raises(CheckpointError, match=f"^{ckpt} holds a MLP {expected}.*: evaluate it on the data") as err:
             evaluate(eval_config(tmp_path, f"ckpt_path={ckpt}"))
+        assert "\n" not in str(err.value)
 
     torch.save({"state_dict": {f"net.{k}": v for k, v in MLP([8]).state_dict().items()},
                 "net_config": {"_target_": "kd_lightning.models.MLP", "hidden": [8]}}, ckpt)
-    with pytest.raises(DataError, match=r"^mnist not found in .*data/MNIST/raw \(download disabled"):
+    with pytest.raises(DataError, match=r"^mnist not found in .*data/MNIST/raw \(download disabled") as err:
         evaluate(eval_config(tmp_path, f"ckpt_path={ckpt}", "data.offline_fallback=false"))
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow
@@ -327,17 +333,17 @@ def test_sweep_rerun_with_other_values_and_failed_jobs(tmp_path: Path) -> None:
     common = ["-m", "experiment=soft", *TINY, f"paths.log_dir={tmp_path / 'logs'}", *OFFLINE,
               f"hydra.sweep.dir={sweep}"]
     first = run_script("train.py", *common, "distill.T=2,0,4", expect_rc=1)  # T=0 fails: the sweep exits 1
-    assert f"1 job(s) of the sweep failed; their errors: {sweep}/1/failed.json" in first.stdout + first.stderr
-    assert "distill.T=0 is not accepted" in json.loads((sweep / "1" / "failed.json").read_text())["error"]
+    assert f"1 job(s) of the sweep failed; their errors: {job_dir(sweep, 1)}/failed.json" in first.stdout + first.stderr
+    assert "distill.T=0 is not accepted" in json.loads((job_dir(sweep, 1) / "failed.json").read_text())["error"]
     report = (sweep / "results.md").read_text()  # the report was written before the exit
     assert "2 of 3 jobs done" in report and "- job 1 failed: ConfigError: distill.T=0" in report
 
     rerun = run_script("train.py", *common, "distill.T=8", expect_rc=2)
     assert "use a new hydra.sweep.dir" in rerun.stdout + rerun.stderr
-    assert yaml.safe_load((sweep / "0" / ".hydra" / "config.yaml").read_text())["distill"]["T"] == 2
+    assert yaml.safe_load((job_dir(sweep, 0) / ".hydra" / "config.yaml").read_text())["distill"]["T"] == 2
     rows = {r["job"]: r for r in load_results(sweep)}
     assert (rows[0]["T"], rows[2]["T"]) == (2.0, 4.0)
-    assert rows[0]["test_acc"] == json.loads((sweep / "0" / "metrics.json").read_text())["test/acc"]
+    assert rows[0]["test_acc"] == json.loads((job_dir(sweep, 0) / "metrics.json").read_text())["test/acc"]
 
 
 @pytest.mark.slow

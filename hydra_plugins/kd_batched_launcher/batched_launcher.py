@@ -47,11 +47,12 @@ class BatchedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from kd_lightning.batched.groups import group_key, not_batchable
-        from kd_lightning.batched.stacked import memory_per_student, run_group
+        from kd_lightning.batched.stacked import memory_per_student, remove_unusable_states, run_group
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        remove_unusable_states(Path(str(self.config.hydra.sweep.dir)) / ".batched")
         configs = [self._job_config(initial_job_idx + i, o) for i, o in enumerate(job_overrides)]
         groups: dict[str, list[int]] = {}
         for i, cfg in enumerate(configs):
@@ -73,7 +74,12 @@ class BatchedLauncher(Launcher):
         return [returns[i] for i in range(len(configs))]
 
     def _launch_batched(self, configs: list[DictConfig], members: list[int], run_group: Any) -> dict[int, JobReturn]:
-        """Set up each job as Hydra does (its dir and .hydra/), then train those not finished yet together."""
+        """Set up each job as Hydra does (its dir and .hydra/), then train those not finished yet together. The
+        group's saved state is keyed on all its members, finished or not: a rerun after a kill in the output
+        phase finds it whichever jobs wrote their outputs, and resumes the others from it."""
+        from kd_lightning.batched.stacked import state_key
+
+        key = state_key([[configs[i].hydra.job.num, list(configs[i].hydra.overrides.task)] for i in members])
         returns = {i: self._run(configs[i], prepare_job) for i in members}
         prepared = {i: ret._return_value if ret.status == JobStatus.COMPLETED else None for i, ret in returns.items()}
         jobs = {i: value for i, value in prepared.items() if isinstance(value, PreparedJob)}
@@ -87,7 +93,7 @@ class BatchedLauncher(Launcher):
         if batched:
             log.info("Training jobs %s together (%s)", [configs[i].hydra.job.num for i in batched],
                      f"{torch.get_num_threads()} threads")
-            results = run_group([jobs[i].job for i in batched])
+            results = run_group([jobs[i].job for i in batched], state_key=key)
             for i, result in zip(batched, results):
                 metric = configs[i].get("optimized_metric")
                 returns[i].return_value = None if result is None else result.get(metric)

@@ -4,7 +4,7 @@ student, and only for setups the stacked loop reproduces exactly (otherwise: the
 import copy
 from typing import Any
 
-from hydra.utils import get_class
+from hydra.utils import get_class, get_object
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.batched.stacked import DTYPES
@@ -51,12 +51,14 @@ def not_batchable(cfg: DictConfig) -> str | None:
         cfg.paths.output_dir = "/job"  # ${hydra:...} resolves inside a job only; the value does not matter here
     if not issubclass(get_class(cfg.module._target_), DistillModule):
         return "not a distillation run"
-    if get_class(cfg.model._target_) is not MLP or cfg.model.get("dropout", 0) != 0:
+    if get_object(cfg.model._target_) is not MLP or cfg.model.get("dropout", 0) != 0:
         return "the model is not an MLP without dropout"
     if not issubclass(get_class(cfg.data._target_), MNISTDataModule):
         return "the data is not an MNIST-style DataModule (no random augmentation)"
     if cfg.distill.get("method", "kd") != "kd":
         return f"distill.method={cfg.distill.method} (the stacked loop trains kd's loss groups)"
+    if cfg.distill.get("logit_standardization"):
+        return "distill.logit_standardization=true (the stacked loop trains kd's loss groups on raw logits)"
     if cfg.module.get("scheduler") is not None or cfg.module.get("compile") or cfg.module.get("label_smoothing"):
         return "a scheduler, compile or label smoothing"
     if cfg.module.optimizer._target_ not in ELEMENTWISE_OPTIMIZERS:

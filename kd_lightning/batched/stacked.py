@@ -43,13 +43,14 @@ from torch.func import stack_module_state
 
 from kd_lightning.batched.checkpoint_layout import checkpoint, student_optimizer_state
 from kd_lightning.card import test_logits, write_card
-from kd_lightning.checkpoints import atomic_torch_save, load_net
+from kd_lightning.checkpoints import atomic_torch_save, atomic_write_text, load_net, remove_dead_temporaries
 from kd_lightning.losses import soft_targets, stacked_cross_entropy, stacked_kd_term
 from kd_lightning.models.stats import count_params
 from kd_lightning.summary import hp_metrics_of, hparams_of
 from kd_lightning.sweeps import write_json
 from kd_lightning.teacher import cached_teacher_logits, compose_teacher_config
 from kd_lightning.tensorboard_figures import N_EXAMPLES, log_test_figures
+from kd_lightning.trackers import finish_run
 from kd_lightning.train import ensure_teacher, fit_facts, prepare_data
 from kd_lightning.validation import validate_config
 
@@ -140,8 +141,10 @@ def make_student(job: Job) -> Student:
                    callbacks.get("periodic_checkpoint"), callbacks.get("early_stopping"), loggers)
 
 
-def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
-    """Train the jobs together; each job's metrics.json result (None for a failed job, with its failed.json)."""
+def fit_group(jobs: list[Job], state_key: str | None = None) -> list[dict[str, Any] | None]:
+    """Train the jobs together; each job's metrics.json result (None for a failed job, with its failed.json).
+    `state_key` names the group's saved state (`group_state_path`): the launcher keys it on every job of the
+    group, finished or not, so that it is found again whichever of them finished since."""
     started = time.perf_counter()
     cfg = jobs[0].cfg
     precision = str(cfg.trainer.get("precision", "32-true"))
@@ -196,17 +199,17 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
     val_batches = len(datamodule.val_dataloader())
     max_epochs, log_every = int(cfg.trainer.max_epochs), max(int(cfg.trainer.get("log_every_n_steps", 50)), 1)
     train_seconds, val_seconds = 0.0, 0.0
-    state_path, first_epoch = group_state_path(jobs), 0
-    if state_path.is_file():  # an interrupted earlier run of this group: continue after its last finished epoch
-        saved = torch.load(state_path, map_location=device, weights_only=True)
+    state_path, first_epoch = group_state_path(jobs, state_key), 0
+    saved, rows = load_group_state(state_path, jobs, device)
+    if saved is not None:  # an interrupted earlier run of this group: continue after its last finished epoch
         first_epoch, (train_seconds, val_seconds) = saved["epoch"] + 1, saved["seconds"]
         with torch.no_grad():
             for k, p in params.items():
-                p.copy_(saved["params"][k])
-                frozen[k].copy_(saved["frozen"][k])
-        optimizer.load_state_dict(saved["optimizer"])
-        for s, st in zip(students, saved["students"]):
-            restore_student(s, st)
+                p.copy_(saved["params"][k].index_select(0, rows))
+                frozen[k].copy_(saved["frozen"][k].index_select(0, rows))
+        optimizer.load_state_dict(optimizer_rows(saved["optimizer"], rows))
+        for s, r in zip(students, rows.tolist()):
+            restore_student(s, saved["students"][r])
         log.info("Group of %d jobs resumes at epoch %d from %s", len(jobs), first_epoch + 1, state_path)
     else:  # outputs of an attempt that never finished an epoch (prepare_job sends ordinary runs' dirs elsewhere)
         for job in jobs:
@@ -307,9 +310,12 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
                 stop(s, params, frozen, i)
 
         writes.append(({"epoch": epoch, "seconds": (train_seconds, val_seconds), "params": params, "frozen": frozen,
-                        "optimizer": optimizer.state_dict(), "students": [student_state(s) for s in students]}, state_path))
+                        "optimizer": optimizer.state_dict(), "students": [student_state(s) for s in students],
+                        "jobs": job_ids(jobs)}, state_path))
         with ThreadPoolExecutor(max_workers=8) as pool:  # each write waits on its fsync, not on the CPU
             list(pool.map(lambda write: atomic_torch_save(*write), writes))
+        if epoch == first_epoch:  # which jobs the state holds, readable without loading it (remove_unusable_states)
+            atomic_write_text(state_path.with_suffix(".json"), json.dumps({"jobs": job_ids(jobs)}))
         log.info("epoch %d/%d: %d of %d students trained, best val/acc %.4f (%.1f s)", epoch + 1, max_epochs,
                  sum(active), len(students), max((val[i]["val/acc"] for i in range(len(students)) if active[i]), default=float("nan")),
                  time.perf_counter() - epoch_started)
@@ -318,6 +324,7 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
     results = [finish(s, datamodule, logits, card_teacher_logits, T[i:i + 1], dtype, autocast, teacher, teacher_ckpt,
                       (time.perf_counter() - started) / len(jobs)) for i, s in enumerate(students)]
     state_path.unlink(missing_ok=True)
+    state_path.with_suffix(".json").unlink(missing_ok=True)
     log.info("Group of %d jobs: %.1f s set-up (data, teacher logits, students), %.1f s training, %.1f s tests and "
              "outputs", len(jobs), set_up - started, trained - set_up, time.perf_counter() - trained)
     return results
@@ -327,9 +334,79 @@ def fit_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
 STUDENT_FIELDS = ("active", "stop_requested", "epochs", "steps", "best_state", "error", "val_metrics")
 
 
-def group_state_path(jobs: list[Job]) -> Path:
-    key = hashlib.sha256(json.dumps([[str(j.dir), j.overrides] for j in jobs]).encode()).hexdigest()[:16]
-    return jobs[0].dir.parent / ".batched" / f"{key}.pt"
+# `<key>.pt` holds the stacked weights, optimizer and per-student loop state after the last finished epoch, one
+# row per job, with the jobs' ids (`job_ids`); `<key>.json` lists those ids. The launcher's key covers every job of
+# the group, so a rerun finds the state whichever jobs finished since (e.g. killed while writing the outputs), and
+# resumes the others from their rows. A state that no group can use is removed (`remove_unusable_states`).
+def state_key(members: list[Any]) -> str:
+    """The key of a group's state: a hash of what identifies every job of the group (finished or not)."""
+    return hashlib.sha256(json.dumps(members).encode()).hexdigest()[:16]
+
+
+def job_ids(jobs: list[Job]) -> list[list[Any]]:
+    return [[str(j.dir), list(j.overrides)] for j in jobs]
+
+
+def group_state_path(jobs: list[Job], key: str | None = None) -> Path:
+    return jobs[0].dir.parent / ".batched" / f"{key or state_key(job_ids(jobs))}.pt"
+
+
+def load_group_state(path: Path, jobs: list[Job], device: torch.device) -> tuple[dict | None, Tensor | None]:
+    """The saved state at `path` and the rows of `jobs` in it; (None, None) when there is none, or when it is
+    damaged or does not hold every one of `jobs` (then it is removed: no group can use it)."""
+    if not path.is_file():
+        return None, None
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        ids = [[d, list(o)] for d, o in saved["jobs"]]
+        rows = [ids.index(job_id) for job_id in job_ids(jobs)]
+    except ValueError:
+        log.warning("Group state %s does not hold every job of this group: training them from the start", path)
+    except Exception as err:  # noqa: BLE001 - a damaged file (killed before its rename cannot be: it is atomic)
+        log.warning("Group state %s is unreadable (%s): training the group from the start", path, type(err).__name__)
+    else:
+        return saved, torch.tensor(rows, dtype=torch.long, device=device)
+    path.unlink(missing_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
+    return None, None
+
+
+def optimizer_rows(state: dict[str, Any], rows: Tensor) -> dict[str, Any]:
+    """The stacked optimizer's state_dict for the students at `rows`: elementwise state, so each tensor shaped like
+    a stacked parameter is cut by rows; 0-dim ones (Adam's step) are shared."""
+    return {"state": {k: {name: v.index_select(0, rows.to(v.device)) if isinstance(v, Tensor) and v.dim() else v
+                          for name, v in param_state.items()} for k, param_state in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
+def remove_unusable_states(batched_dir: Path) -> list[Path]:
+    """Remove the group states in `batched_dir` that no group can use: those whose jobs all finished (their
+    metrics.json records the same overrides), those without a readable job list (damaged, or written before
+    states were keyed on the whole group), and temporaries of dead writers. Returns the states removed."""
+    removed = []
+    if not batched_dir.is_dir():
+        return removed
+    remove_dead_temporaries(batched_dir)
+    for path in sorted(batched_dir.glob("*.pt")):
+        try:
+            ids = json.loads(path.with_suffix(".json").read_text())["jobs"]
+            usable = any(not _finished(Path(d), overrides) for d, overrides in ids)
+        except (OSError, ValueError, KeyError, TypeError):
+            usable = False
+        if not usable:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.info("Removed %d group state(s) no group can use from %s", len(removed), batched_dir)
+    return removed
+
+
+def _finished(job_dir: Path, overrides: list[str]) -> bool:
+    try:
+        return json.loads((job_dir / "metrics.json").read_text()).get("overrides") == overrides
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # What a ModelCheckpoint's checkpoint state holds, and current_score, which it does not save but compares with.
@@ -497,11 +574,11 @@ def finish(s: Student, datamodule: Any, logits: dict[str, Tensor], card_teacher_
     }
     for lg in s.logger:
         lg.log_hyperparams(hparams_of(job.cfg, datamodule.source), hp_metrics_of(result))
-        lg.finalize("success")
     (job.dir / "failed.json").unlink(missing_ok=True)
     write_json(job.dir / "metrics.json", {**result, "overrides": job.overrides, "config": job.settings()})
     # the cheap model card, as every distillation run writes (the student's test logits are its own: cheap)
     write_card(job.dir, job.cfg, datamodule=datamodule, teacher_logits=card_teacher_logits)
+    finish_run(s.logger, job.dir)  # trackers (logger=mlflow, ...) get the job's files, then every logger is closed
     return result
 
 
@@ -513,7 +590,7 @@ def record_failure(job: Job, err: Exception) -> None:
     log.error("Job %s failed (%s: %s); the sweep goes on", job.dir.name, type(err).__name__, err)
 
 
-def run_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
+def run_group(jobs: list[Job], state_key: str | None = None) -> list[dict[str, Any] | None]:
     """fit_group on the jobs whose config is valid; a failure (a bad value, bad data, no teacher) is recorded
     in failed.json of the jobs it concerns, as run_sweep_job records a job's failure."""
     valid = []
@@ -526,7 +603,7 @@ def run_group(jobs: list[Job]) -> list[dict[str, Any] | None]:
     results: dict[int, dict[str, Any] | None] = {}
     if valid:
         try:
-            results = {id(job): r for job, r in zip(valid, fit_group(valid))}
+            results = {id(job): r for job, r in zip(valid, fit_group(valid, state_key))}
         except Exception as err:  # noqa: BLE001 - the group's data or teacher failed: every job of it
             for job in valid:
                 record_failure(job, err)

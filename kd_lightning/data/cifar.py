@@ -139,6 +139,11 @@ class CIFARDataModule(KDDataModule):
         )
 
     # ---- the examples of a split (the KDDataModule contract) ------------------------------------------------
+    def data_files(self) -> list[tuple[str, Path]]:
+        folder = self.dataset_cls.base_folder
+        names = [name for name, _ in self.dataset_cls.train_list + self.dataset_cls.test_list]
+        return [(f"{folder}/{name}", self.data_dir / folder / name) for name in names]
+
     def split_size(self, split: str) -> int:
         self.check_split(split)
         return len(self.splits[split])

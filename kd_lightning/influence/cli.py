@@ -37,6 +37,7 @@ from kd_lightning.influence.tracin import (
     tracin_checkpoints,
     trained_loss,
 )
+from kd_lightning.run_dir import teacher_ckpts_of
 from kd_lightning.teacher import compute_teacher_logits, dataset_identity
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,13 @@ def run_config(run_dir: Path) -> DictConfig:
 
 
 def teacher_ckpt_of(student_run: Path) -> Path | None:
+    """The one teacher checkpoint the student's metrics.json names (None: none, or several), checked against its
+    recorded sha256."""
     metrics = student_run / "metrics.json"
     if not metrics.is_file():
         return None
-    ckpt = json.loads(metrics.read_text()).get("teacher_ckpt")
-    return Path(ckpt) if ckpt else None
+    teachers = teacher_ckpts_of(student_run, json.loads(metrics.read_text()))
+    return teachers[0] if len(teachers) == 1 else None
 
 
 def teacher_run_of(student_run: Path) -> Path:

@@ -1,37 +1,33 @@
-"""The registry of distillation methods, selected by `distill.method` (one file per method, a `Method`
-subclass: its loss and what it needs). Add your own with `register` (docs/methods.md)."""
+"""The registry of distillation methods, selected by `distill.method`: one file per method in this folder, a
+`Method` subclass decorated with `@register` (both from `kd_lightning.methods.base`). Every module of the
+package is imported here, so a new file is all a new method takes (docs/methods.md, "Add your own method")."""
 
+import importlib
+import pkgutil
 from typing import Any
 
 from hydra.utils import instantiate
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.methods.at import AT
-from kd_lightning.methods.base import Method, StepInputs
-from kd_lightning.methods.crd import CRD
-from kd_lightning.methods.dkd import DKD
-from kd_lightning.methods.fitnet import FitNet
-from kd_lightning.methods.kd import KD
-from kd_lightning.methods.label_smoothing import LabelSmoothing
-from kd_lightning.methods.multi_teacher import MultiTeacher
-from kd_lightning.methods.reviewkd import ReviewKD
-from kd_lightning.methods.rkd import RKD
-from kd_lightning.methods.tf_kd import TfKD
+from kd_lightning.methods.base import METHODS, Method, StepInputs, register
 
-METHODS: dict[str, type[Method]] = {}
+# The built-in methods in the order they are listed (error messages, docs); then any other file here.
+BUILT_IN = ("kd", "fitnet", "at", "dkd", "rkd", "multi_teacher", "label_smoothing", "tf_kd", "dist")
 
 
-def register(method: type[Method]) -> type[Method]:
-    """Make `distill.method=<method.name>` select `method` (usable as a class decorator)."""
-    METHODS[method.name] = method
-    return method
+def discover() -> None:
+    """Import every module of this package (each registers its methods); a module already imported is skipped."""
+    names = [info.name for info in pkgutil.iter_modules(__path__) if info.name != "base" and not info.name.startswith("_")]
+    for name in sorted(names, key=lambda n: (BUILT_IN.index(n) if n in BUILT_IN else len(BUILT_IN), n)):
+        importlib.import_module(f"{__name__}.{name}")
 
 
-for _method in (KD, FitNet, AT, DKD, RKD, MultiTeacher, LabelSmoothing, TfKD, CRD, ReviewKD):
-    register(_method)
+discover()
 
 
 def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        discover()  # a file added since the package was imported
     if name not in METHODS:
         raise ConfigError(f"distill.method={name!r} is not accepted: one of {', '.join(METHODS)}")
     return METHODS[name]
@@ -47,4 +43,4 @@ def check_method(cfg: Any) -> None:
         method.bind(instantiate(cfg.model), None)
 
 
-__all__ = ["METHODS", "Method", "StepInputs", "check_method", "get_method", "register"]
+__all__ = ["METHODS", "Method", "StepInputs", "check_method", "discover", "get_method", "register"]

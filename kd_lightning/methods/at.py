@@ -1,8 +1,11 @@
 """at: attention transfer (Zagoruyko & Komodakis 2017), activation-based. For a feature map A (C x H x W) the
 attention map is Q = mean_c |A_c|^p flattened over H x W, then normalized to unit L2 norm; per stage pair the
 loss is the mean squared difference of the student's and the teacher's maps, and
-    loss = ce_weight * CE + beta / 2 * sum over pairs
-with the paper's beta = 1000 and p = 2. Maps of a pair must have the same height and width (no parameters).
+    loss = ce_weight * CE + beta * sum over pairs
+with beta = 1000 and p = 2 applied as the authors' code (attention-transfer/cifar.py, `opt.beta * sum(loss_groups)`;
+utils.py, at_loss), mdistiller (AT.py, FEAT_WEIGHT 1000) and RepDistiller (distiller_zoo/AT.py, `-b 1000`) apply
+it: without the paper's 1/2. When the two maps of a pair differ in height or width, the larger is average-pooled
+to the smaller's size first (F.adaptive_avg_pool2d), as mdistiller's and RepDistiller's at_loss do (no parameters).
 
 Layers: null pairs each of the student's declared feature maps (`feature_layers`) with the teacher's at the
 same position (CIFAR 2-stage student: layer1/layer1, layer2/layer2; MNIST conv student: features.1, features.3).
@@ -25,6 +28,7 @@ from kd_lightning.methods.base import (
     layer_specs,
     non_negative,
     positive,
+    register,
 )
 
 
@@ -33,12 +37,22 @@ def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
     return F.normalize(features.abs().pow(p).mean(1).flatten(1), dim=1)
 
 
+def pool_to_common_size(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """The larger of two (N, C, H, W) maps average-pooled to the smaller's height and width (each dimension to
+    the smaller of the two); maps of the same size are returned as they are."""
+    size = (min(student.shape[2], teacher.shape[2]), min(student.shape[3], teacher.shape[3]))
+    return tuple(f if tuple(f.shape[2:]) == size else F.adaptive_avg_pool2d(f, size) for f in (student, teacher))
+
+
 def at_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
+    student, teacher = pool_to_common_size(student, teacher)
     return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
 
 
+@register
 class AT(Method):
     name = "at"
+    defaults = {"student_layers": None, "teacher_layers": None, "beta": 1000.0, "p": 2.0, "ce_weight": 1.0}
     hparams = {"student_layers": layer_specs, "teacher_layers": layer_specs, "beta": non_negative, "p": positive,
                "ce_weight": non_negative}
 
@@ -63,12 +77,12 @@ class AT(Method):
     def build(self, features: dict[str, Tensor], teacher_features: dict[str, Tensor]) -> None:
         for s, t in zip(self.student_layers, self.teacher_layers):
             fs, ft = features[s], teacher_features[t]
-            if fs.dim() != 4 or ft.dim() != 4 or fs.shape[2:] != ft.shape[2:]:
+            if fs.dim() != 4 or ft.dim() != 4:
                 raise ConfigError(f"distill.at: student layer {s} {tuple(fs.shape[1:])} and teacher layer {t} "
-                                  f"{tuple(ft.shape[1:])} are not accepted: feature maps of the same height and width")
+                                  f"{tuple(ft.shape[1:])} are not accepted: feature maps (C, H, W)")
 
     def forward(self, step: StepInputs) -> LossTerms:
         ce = F.cross_entropy(step.logits, step.labels)
         at = torch.stack([at_loss(step.features[s], step.teacher_features[t], self.p)
                           for s, t in zip(self.student_layers, self.teacher_layers)]).sum()
-        return {"loss": self.ce_weight * ce + self.beta / 2 * at, "hard_loss": ce, "at_loss": at}
+        return {"loss": self.ce_weight * ce + self.beta * at, "hard_loss": ce, "at_loss": at}

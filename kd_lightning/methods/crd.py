@@ -41,7 +41,9 @@ from kd_lightning.methods.base import (
     last_linear_input,
     layer_spec,
     non_negative,
+    one_of,
     positive,
+    register,
 )
 
 log = logging.getLogger(__name__)
@@ -58,12 +60,8 @@ def momentum_value(v: object) -> bool:
     return non_negative(v) and v < 1
 
 
-def negative_sampling(v: object) -> bool:
-    return v in NEGATIVES
-
-
-CHECKS.update({positive_int: "an integer > 0", momentum_value: "a number in [0, 1)",
-               negative_sampling: f"one of {', '.join(NEGATIVES)}"})
+negative_sampling = one_of(*NEGATIVES)
+CHECKS.update({positive_int: "an integer > 0", momentum_value: "a number in [0, 1)"})
 
 
 # ---- the pieces, as functions of tensors (hand-checked in tests/test_crd.py) ------------------------------------
@@ -144,8 +142,12 @@ class Embed(nn.Module):
         return F.normalize(self.linear(x.flatten(1)), dim=1)
 
 
+@register
 class CRD(Method):
     name = "crd"
+    defaults = {"student_layer": None, "teacher_layer": None, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07,
+                "momentum": 0.5, "negatives": "other_classes", "weight": 0.8, "ce_weight": 1.0, "kd_weight": 0.0,
+                "max_memory_mib": 4096}
     hparams = {"student_layer": layer_spec, "teacher_layer": layer_spec, "feat_dim": positive_int,
                "nce_k": positive_int, "nce_t": positive, "momentum": momentum_value, "negatives": negative_sampling,
                "weight": non_negative, "ce_weight": non_negative, "kd_weight": non_negative,

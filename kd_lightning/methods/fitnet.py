@@ -4,9 +4,17 @@ guided layer's shape; loss = ce_weight * CE + beta * MSE(regressor(student featu
 beta=100 is mdistiller's CIFAR-100 setting.
 
 Layers: null pairs the student's last declared feature map (its `feature_layers`) with the teacher's map at
-the same position (CIFAR: layer2 / layer2; MNIST conv student: features.3 / features.3). The regressor is a
-3x3 conv + BatchNorm + ReLU for maps of the same spatial size (RepDistiller's ConvReg), a linear layer for
-flat features. It is trained with the student, saved as `method.regressor.*`, and not needed at inference.
+the same position (CIFAR: layer2 / layer2; MNIST conv student: features.3 / features.3).
+
+The regressor is RepDistiller's / mdistiller's ConvReg (RepDistiller models/util.py, mdistiller
+distillers/_common.py, ConvReg): a conv + BatchNorm + ReLU whose conv maps the student's (C_s, H_s, W_s) to the
+teacher's (C_t, H_t, W_t):
+    H_s = 2 H_t (and W):  3x3 conv, stride 2, padding 1
+    2 H_s = H_t (and W):  4x4 transposed conv, stride 2, padding 1
+    H_s >= H_t, W_s >= W_t: a (1 + H_s - H_t) x (1 + W_s - W_t) conv, no padding: 1x1 for maps of the same size
+A student map smaller than the teacher's (other than half its size) is refused, as there. Flat features get a
+linear layer (RepDistiller's Regress). It is trained with the student, saved as `method.regressor.*`, and not
+needed at inference.
 """
 
 from collections.abc import Mapping
@@ -24,11 +32,29 @@ from kd_lightning.methods.base import (
     find_module,
     layer_spec,
     non_negative,
+    register,
 )
 
 
+def conv_regressor(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module | None:
+    """ConvReg for (C, H, W) maps: conv (see the module docstring) + BatchNorm + ReLU; None when the student's
+    map is smaller than the teacher's other than by exactly half."""
+    (cs, hs, ws), (ct, ht, wt) = student_shape, teacher_shape
+    if hs == 2 * ht and ws == 2 * wt:
+        conv: nn.Module = nn.Conv2d(cs, ct, kernel_size=3, stride=2, padding=1)
+    elif 2 * hs == ht and 2 * ws == wt:
+        conv = nn.ConvTranspose2d(cs, ct, kernel_size=4, stride=2, padding=1)
+    elif hs >= ht and ws >= wt:
+        conv = nn.Conv2d(cs, ct, kernel_size=(1 + hs - ht, 1 + ws - wt))
+    else:
+        return None
+    return nn.Sequential(conv, nn.BatchNorm2d(ct), nn.ReLU())
+
+
+@register
 class FitNet(Method):
     name = "fitnet"
+    defaults = {"student_layer": None, "teacher_layer": None, "beta": 100.0, "ce_weight": 1.0}
     hparams = {"student_layer": layer_spec, "teacher_layer": layer_spec, "beta": non_negative, "ce_weight": non_negative}
 
     def __init__(self, distill: Mapping[str, Any]) -> None:
@@ -51,18 +77,18 @@ class FitNet(Method):
 
     def build(self, features: dict[str, Tensor], teacher_features: dict[str, Tensor]) -> None:
         s, t = features[self.student_layers[0]], teacher_features[self.teacher_layers[0]]
-        if s.dim() == 4 and t.dim() == 4 and s.shape[2:] == t.shape[2:]:
-            self.regressor = nn.Sequential(
-                nn.Conv2d(s.shape[1], t.shape[1], 3, padding=1), nn.BatchNorm2d(t.shape[1]), nn.ReLU()
-            )
+        regressor = None
+        if s.dim() == 4 and t.dim() == 4:
+            regressor = conv_regressor(tuple(s.shape[1:]), tuple(t.shape[1:]))
         elif s.dim() == 2 and t.dim() == 2:
-            self.regressor = nn.Linear(s.shape[1], t.shape[1])
-        else:
+            regressor = nn.Linear(s.shape[1], t.shape[1])
+        if regressor is None:
             raise ConfigError(
                 f"distill.fitnet: student layer {self.student_layers[0]} {tuple(s.shape[1:])} and teacher layer "
-                f"{self.teacher_layers[0]} {tuple(t.shape[1:])} cannot be matched: accepted are maps of the same "
-                "height and width, or flat features"
+                f"{self.teacher_layers[0]} {tuple(t.shape[1:])} cannot be matched: accepted are maps whose student "
+                "side is at least the teacher's height and width, or exactly half of them, or flat features"
             )
+        self.regressor = regressor
 
     def forward(self, step: StepInputs) -> LossTerms:
         assert self.regressor is not None, "build() makes the regressor before training"

@@ -7,11 +7,13 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from kd_lightning.methods.base import LossTerms, Method, StepInputs, unit_interval
+from kd_lightning.methods.base import LossTerms, Method, StepInputs, register, unit_interval
 
 
+@register
 class LabelSmoothing(Method):
     name = "label_smoothing"
+    defaults = {"epsilon": 0.1}
     hparams = {"epsilon": unit_interval}
     uses_teacher = False
 

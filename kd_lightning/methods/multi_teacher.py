@@ -9,6 +9,9 @@ Teachers: `distill.multi_teacher.teachers`, a list of specs shaped like the `tea
 overrides, ckpt_path). Each is ensured exactly as the single teacher is (train.py's ensure_teacher: its own
 cache entry, trained once if needed) and each has its own logit cache; the ensemble's logits are combined
 from those. `weights`: null (equal) or one non-negative weight per teacher (normalized to sum 1).
+
+With `distill.logit_standardization=true` each teacher's logits are z-scored before its softmax (at
+`distill.base_T`), and so are the student's: target = sum_i w_i softmax(std(z_i) / base_T).
 """
 
 from collections.abc import Mapping, Sequence
@@ -21,27 +24,30 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.methods.base import TeacherLoader, TeacherLogits
+from kd_lightning.losses import soft_targets, standardize
+from kd_lightning.methods.base import TeacherLoader, TeacherLogits, config_value, register
 from kd_lightning.methods.kd import KD
 
 
-def ensemble_logits(logits: Sequence[Tensor], weights: Tensor, T: float) -> Tensor:
-    """T * log sum_i w_i softmax(z_i / T): logits whose softmax at T is the weighted mean of the teachers'."""
-    log_probs = torch.stack([F.log_softmax(z / T, dim=-1) for z in logits])  # (teachers, N, C)
+def ensemble_logits(logits: Sequence[Tensor], weights: Tensor, T: float, standardized: bool = False) -> Tensor:
+    """T * log sum_i w_i softmax(z_i / T): logits whose softmax at T is the weighted mean of the teachers'
+    (z_i z-scored first with `standardized`)."""
+    prepare = standardize if standardized else (lambda z: z)
+    log_probs = torch.stack([F.log_softmax(prepare(z) / T, dim=-1) for z in logits])  # (teachers, N, C)
     log_w = weights.to(log_probs).log().view(-1, *[1] * (log_probs.dim() - 1))
     return T * torch.logsumexp(log_probs + log_w, dim=0)
 
 
 class TeacherEnsemble(nn.Module):
-    def __init__(self, teachers: Sequence[nn.Module], weights: Tensor, T: float) -> None:
+    def __init__(self, teachers: Sequence[nn.Module], weights: Tensor, T: float, standardized: bool = False) -> None:
         super().__init__()
         self.teachers = nn.ModuleList(teachers)
         self.register_buffer("weights", weights, persistent=False)
-        self.T = T
+        self.T, self.standardized = T, standardized
         self.num_classes = teachers[0].num_classes
 
     def forward(self, x: Tensor) -> Tensor:
-        return ensemble_logits([t(x) for t in self.teachers], self.weights, self.T)
+        return ensemble_logits([t(x) for t in self.teachers], self.weights, self.T, self.standardized)
 
 
 def normalized_weights(weights: Sequence[float] | None, n: int) -> Tensor:
@@ -51,12 +57,17 @@ def normalized_weights(weights: Sequence[float] | None, n: int) -> Tensor:
     return w / w.sum()
 
 
+@register
 class MultiTeacher(KD):
     name = "multi_teacher"
+    defaults = {"teachers": [{"experiment": "teacher", "overrides": [], "ckpt_path": None},
+                             {"experiment": "teacher", "overrides": ["seed=43"], "ckpt_path": None}],
+                "weights": None}
 
     @classmethod
     def check(cls, distill: Mapping[str, Any]) -> None:
-        section = distill.get(cls.name) or {}
+        super().check(distill)  # the logit-standardization switch
+        section = cls.settings(distill)
         teachers, weights = section.get("teachers"), section.get("weights")
         if not teachers or not all(isinstance(t, Mapping) and t.get("experiment") for t in teachers):
             raise ConfigError(f"distill.multi_teacher.teachers={teachers!r} is not accepted: a non-empty list of "
@@ -72,7 +83,7 @@ class MultiTeacher(KD):
     def teacher_runs(cls, cfg: Any) -> list[Any]:
         """The run's config once per spec, `teacher:` replaced by it: each teacher has its own cache entry."""
         runs = []
-        for spec in cfg.distill.multi_teacher.teachers:
+        for spec in cls.settings(cfg.distill)["teachers"]:
             one = cfg.copy()
             one.teacher = OmegaConf.merge({"ckpt_path": None, "overrides": []}, spec)
             runs.append(one)
@@ -82,8 +93,9 @@ class MultiTeacher(KD):
     def load_teacher(cls, cfg: Any, ckpts: list[Path], load: TeacherLoader) -> nn.Module | None:
         """The ensemble of the teachers of `teacher_runs`, each rebuilt from its checkpoint."""
         teachers = [load(run, ckpt) for run, ckpt in zip(cls.teacher_runs(cfg), ckpts)]
-        weights = normalized_weights(cfg.distill.multi_teacher.get("weights"), len(teachers))
-        return TeacherEnsemble(teachers, weights, cfg.distill.T)
+        weights = normalized_weights(cls.settings(cfg.distill).get("weights"), len(teachers))
+        standardized = bool(cfg.distill.get("logit_standardization", False))
+        return TeacherEnsemble(teachers, weights, cfg.distill.base_T if standardized else cfg.distill.T, standardized)
 
     @classmethod
     def cached_teacher_logits(cls, teacher: nn.Module, ckpts: list[Path], logits_of: TeacherLogits
@@ -91,5 +103,14 @@ class MultiTeacher(KD):
         """Each teacher's logits from its own cache, combined into the ensemble's."""
         assert isinstance(teacher, TeacherEnsemble)
         per_teacher = [logits_of(c, t) for c, t in zip(ckpts, teacher.teachers)]
-        return {split: ensemble_logits([p[split] for p in per_teacher], teacher.weights, teacher.T)
+        return {split: ensemble_logits([p[split] for p in per_teacher], teacher.weights, teacher.T, teacher.standardized)
                 for split in per_teacher[0]}
+
+    @classmethod
+    def describe(cls, distill: Mapping[str, Any]) -> str:
+        hp = cls.settings(distill)
+        return f"{super().describe(distill)}, {len(hp['teachers'])} teachers, weights={config_value(hp.get('weights'))}"
+
+    def teacher_targets(self, teacher_logits: Tensor) -> Tensor:
+        """log softmax(ensemble logits / T): the ensemble's logits are z-scored per teacher already."""
+        return soft_targets(teacher_logits, self.T)

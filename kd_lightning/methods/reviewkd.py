@@ -18,10 +18,9 @@ Layers: null takes each net's declared stages (`feature_layers`) and the input o
 pooled embedding, as a 1x1 map); the teacher's stages are paired by position with the student's (a two-stage
 student: the teacher's first two stages and its pooled embedding). The ABFs are the method's own trainable
 parts (`method.abfs.*`), saved with the student and not needed at inference. A batch of one example cannot
-normalize the 1x1 stage: its ReviewKD term is skipped (CE only), counted and warned about once.
+normalize the 1x1 stage: its ReviewKD term is skipped (CE only) and counted (train/small_batches_skipped).
 """
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,10 +38,10 @@ from kd_lightning.methods.base import (
     last_linear_input,
     layer_specs,
     non_negative,
+    register,
 )
 from kd_lightning.methods.crd import positive_int
-
-log = logging.getLogger(__name__)
+from kd_lightning.methods.dkd import warmup_factor
 
 HCL_LEVELS = (4, 2, 1)
 
@@ -93,8 +92,12 @@ class ABF(nn.Module):
         return self.conv2(x), x
 
 
+@register
 class ReviewKD(Method):
     name = "reviewkd"
+    defaults = {"student_layers": None, "teacher_layers": None, "weight": 1.0, "warmup_epochs": 1.0, "ce_weight": 1.0,
+                "max_mid_channels": 512}
+    min_batch = 2  # BatchNorm cannot normalize the 1x1 stage of one example
     hparams = {"student_layers": layer_specs, "teacher_layers": layer_specs, "weight": non_negative,
                "warmup_epochs": non_negative, "ce_weight": non_negative, "max_mid_channels": positive_int}
 
@@ -103,7 +106,6 @@ class ReviewKD(Method):
         self.weight, self.warmup_epochs, self.ce_weight = self.hp["weight"], self.hp["warmup_epochs"], self.hp["ce_weight"]
         self.max_mid_channels = self.hp["max_mid_channels"]
         self.abfs = nn.ModuleList()
-        self.skipped_batches = 0
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         key = "distill.reviewkd.student_layers"
@@ -150,15 +152,11 @@ class ReviewKD(Method):
 
     def warmup(self, progress: float) -> float:
         """min(epoch / W, 1), epoch counted from 1 (mdistiller)."""
-        return min((int(progress) + 1) / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
+        return warmup_factor(progress, self.warmup_epochs)
 
     def forward(self, step: StepInputs) -> LossTerms:
         ce = F.cross_entropy(step.logits, step.labels)
-        if len(step.labels) < 2:  # BatchNorm cannot normalize a 1x1 map of one example
-            self.skipped_batches += 1
-            if self.skipped_batches == 1:
-                log.warning("distill.reviewkd: a training batch of %d example(s): its ReviewKD term is skipped "
-                            "(CE only); such batches are counted in method.skipped_batches", len(step.labels))
+        if self.skip_small_batch(len(step.labels)):  # counted, logged as train/small_batches_skipped
             review = ce.new_zeros(())
         else:
             teacher = [as_map(step.teacher_features[t]) for t in self.teacher_layers]

@@ -3,7 +3,11 @@ as the teacher's do, by distance (pairwise distances, each divided by the batch'
 (cosines of the angles every triplet forms), both compared with the Huber (smooth L1) loss:
     loss = ce_weight * CE + distance_weight * L_distance + angle_weight * L_angle
 with the paper's weights 25 and 50. Both terms are unchanged when either side's embeddings are scaled, and
-student and teacher embeddings may have different widths (no parameters).
+student and teacher embeddings may have different widths (no parameters). Matches mdistiller's RKD.py (rkd_loss,
+_pdist) and RepDistiller's distiller_zoo/RKD.py.
+
+A training batch of fewer than 2 examples (a ragged last batch) has no pairs: its relational terms are 0 (the
+loss is ce_weight * CE) and the batch is counted (`train/small_batches_skipped`, a warning per epoch).
 
 Layers: null takes the penultimate embedding of each net, the input of its last nn.Linear (`fc:input` on the
 CIFAR ResNets, `classifier.3:input` on MnistCNN); a feature map given instead is flattened.
@@ -24,6 +28,7 @@ from kd_lightning.methods.base import (
     last_linear_input,
     layer_spec,
     non_negative,
+    register,
 )
 
 
@@ -56,8 +61,12 @@ def angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return F.smooth_l1_loss(angles(student), t)
 
 
+@register
 class RKD(Method):
     name = "rkd"
+    defaults = {"student_layer": None, "teacher_layer": None, "distance_weight": 25.0, "angle_weight": 50.0,
+                "ce_weight": 1.0}
+    min_batch = 2
     hparams = {"student_layer": layer_spec, "teacher_layer": layer_spec, "distance_weight": non_negative,
                "angle_weight": non_negative, "ce_weight": non_negative}
 
@@ -79,6 +88,9 @@ class RKD(Method):
         ce = F.cross_entropy(step.logits, step.labels)
         s = step.features[self.student_layers[0]].flatten(1)
         t = step.teacher_features[self.teacher_layers[0]].flatten(1)
-        dist, angle = distance_loss(s, t), angle_loss(s, t)
+        if self.skip_small_batch(len(s)):
+            dist = angle = s.new_zeros(())
+        else:
+            dist, angle = distance_loss(s, t), angle_loss(s, t)
         loss = self.ce_weight * ce + self.distance_weight * dist + self.angle_weight * angle
         return {"loss": loss, "hard_loss": ce, "distance_loss": dist, "angle_loss": angle}

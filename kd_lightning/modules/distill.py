@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from kd_lightning.losses import kd_loss, soft_targets
 from kd_lightning.methods import Method, StepInputs, get_method
 from kd_lightning.methods.base import capture
 from kd_lightning.modules.classifier import ClassifierModule
@@ -35,8 +34,10 @@ class DistillModule(ClassifierModule):
     The method (kd_lightning/methods) computes the training loss; its own trainable parts (e.g. FitNet's
     regressor) are `method.*` parameters, trained with the student and saved in its checkpoint, never needed
     at inference. Logs `train/loss` and the method's terms (kd: `train/hard_loss`, `train/soft_loss`); on
-    val/test, besides loss (cross-entropy on the labels) and acc, with a teacher: `soft_loss` (the KD term at
-    T), `agreement` (top-1 match with the teacher) and `teacher_acc`.
+    val/test, besides loss (cross-entropy on the labels) and acc, with a teacher: `soft_loss` (the KD term
+    T^2 KL at the method's own temperature `method.T`: distill.T for kd, multi_teacher and the feature methods,
+    distill.dkd.T, distill.dist.tau, distill.base_T with logit standardization, the logits z-scored then),
+    `agreement` (top-1 match with the teacher) and `teacher_acc`.
     """
 
     def __init__(
@@ -51,11 +52,14 @@ class DistillModule(ClassifierModule):
         compile: bool = False,
         method: str = "kd",
         method_hparams: Mapping[str, Any] | None = None,
+        logit_standardization: bool = False,
+        base_T: float = 2.0,
     ) -> None:
         super().__init__(net, optimizer, scheduler, compile)
         self.group, self.T, self.alpha = group, T, alpha
         method_cls = get_method(method)
-        distill = {"group": group, "T": T, "alpha": alpha, method: method_hparams}
+        distill = {"group": group, "T": T, "alpha": alpha, method: method_hparams,
+                   "logit_standardization": logit_standardization, "base_T": base_T}
         method_cls.check(distill)
         self.method: Method = method_cls(distill)
         self.loss_fn = getattr(self.method, "loss_fn", None)  # kd's loss group, as before the registry
@@ -65,6 +69,7 @@ class DistillModule(ClassifierModule):
         self.method.bind(net, self.teacher)
         self.needs_teacher = self.method.needs_teacher_targets or bool(self.method.teacher_layers)
         self.method_built = False
+        self.skipped_reported = 0  # the method's small_batches_skipped already reported (on_train_epoch_end)
         self.cached_splits: set[str] = set()
         if self.teacher is None:
             return
@@ -123,19 +128,18 @@ class DistillModule(ClassifierModule):
     def use_cached_teacher_logits(self, logits: dict[str, Tensor]) -> None:
         """Look the teacher's outputs up by dataset index, for the splits in `logits`, instead of running it.
 
-        Training needs the teacher's `soft_targets` at the method's T only: they are computed once here. Val/test
-        keep the logits (agreement, teacher accuracy). Non-persistent buffers: they move to the module's
-        device and are never written to checkpoints. A method reading teacher features runs the teacher on
-        training batches anyway, so it takes its targets from that run.
+        Training reads the teacher's logits and its targets at the method's T (`method.teacher_targets`), computed
+        once here; val/test the logits (soft_loss, agreement, teacher accuracy). Non-persistent buffers: they move
+        to the module's device and are never written to checkpoints. A method reading teacher features runs the
+        teacher on training batches anyway, so it takes its targets from that run.
         """
         if self.method.teacher_layers:
             logits = {split: v for split, v in logits.items() if split != "train"}
         for split, split_logits in logits.items():
             if split == "train":
-                self.register_buffer("cached_soft_targets_train", soft_targets(split_logits, self.method.T),
+                self.register_buffer("cached_soft_targets_train", self.method.teacher_targets(split_logits),
                                      persistent=False)
-            else:
-                self.register_buffer(f"cached_teacher_logits_{split}", split_logits, persistent=False)
+            self.register_buffer(f"cached_teacher_logits_{split}", split_logits, persistent=False)
         self.cached_splits = set(logits)
 
     def teacher_logits(self, x: Tensor, idx: Tensor, split: str) -> Tensor:
@@ -146,9 +150,16 @@ class DistillModule(ClassifierModule):
 
     def teacher_soft_targets(self, x: Tensor, idx: Tensor) -> Tensor:
         """The teacher's log-probabilities at T for a training batch: a cache lookup, or the teacher run now."""
-        if "train" in self.cached_splits:
-            return self.cached_soft_targets_train.index_select(0, idx)  # faster than [idx] for a 1-D index
-        return soft_targets(self.teacher_logits(x, idx, "train"), self.method.T)
+        return self.teacher_train_outputs(x, idx)[1]
+
+    def teacher_train_outputs(self, x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The teacher's logits and `method.teacher_targets` for a training batch: cache lookups, or the teacher
+        run now."""
+        if "train" in self.cached_splits:  # index_select: faster than [idx] for a 1-D index
+            return (self.cached_teacher_logits_train.index_select(0, idx),
+                    self.cached_soft_targets_train.index_select(0, idx))
+        logits = self.teacher_logits(x, idx, "train")
+        return logits, self.method.teacher_targets(logits)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, idx = batch
@@ -158,14 +169,25 @@ class DistillModule(ClassifierModule):
         step = StepInputs(student_logits, y, features=features, indices=idx)
         if method.teacher_layers:  # the teacher runs now, features and all
             with torch.no_grad(), capture(self.teacher, method.teacher_layers) as step.teacher_features:
-                step.teacher_log_probs = soft_targets(self.teacher(x), method.T)
+                step.teacher_logits = self.teacher(x)
+                step.teacher_log_probs = method.teacher_targets(step.teacher_logits)
         elif method.needs_teacher_targets:
-            step.teacher_log_probs = self.teacher_soft_targets(x, idx)
+            step.teacher_logits, step.teacher_log_probs = self.teacher_train_outputs(x, idx)
         if self._trainer is not None:  # fractional epochs so far, for warm-ups
             step.progress = self.current_epoch + batch_idx / max(self.trainer.num_training_batches, 1)
         terms = method(step)
         self.log_train_terms(terms, len(y))
         return terms["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        # Relational terms left out on batches too small for them (a ragged last batch of one): said per epoch.
+        skipped, self.skipped_reported = self.method.small_batches_skipped - self.skipped_reported, \
+            self.method.small_batches_skipped
+        if skipped:
+            log.warning("distill.method=%s: %d training batch(es) of fewer than %d examples had no relational term "
+                        "this epoch", self.method.name, skipped, self.method.min_batch)
+            self.log("train/small_batches_skipped", float(skipped))
 
     def _eval_step(self, stage: str, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         student_logits = super()._eval_step(stage, batch)
@@ -173,7 +195,7 @@ class DistillModule(ClassifierModule):
             return student_logits
         teacher_logits = self.teacher_logits(batch[0], batch[2], stage)
         metrics = self.eval_metrics[stage]
-        metrics["soft_loss"].update(kd_loss(student_logits, teacher_logits, self.T), weight=len(teacher_logits))
+        metrics["soft_loss"].update(self.method.soft_term(student_logits, teacher_logits), weight=len(teacher_logits))
         metrics["agreement"].update(student_logits, teacher_logits.argmax(-1))
         metrics["teacher_acc"].update(teacher_logits, batch[1])
         return student_logits
