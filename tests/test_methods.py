@@ -803,7 +803,7 @@ def test_a_method_missing_a_setting_names_it_in_one_line() -> None:
 
 def test_the_config_lists_each_methods_file_defaults() -> None:
     distill = distill_defaults()
-    for name in ("fitnet", "at", "dkd", "rkd", "multi_teacher", "label_smoothing", "tf_kd", "dist"):
+    for name in ("fitnet", "at", "dkd", "rkd", "multi_teacher", "label_smoothing", "tf_kd", "dist", "crd", "reviewkd"):
         assert OmegaConf.to_container(distill[name]) == get_method(name).defaults, name
 
 
