@@ -10,6 +10,8 @@ these errors wrapped by Hydra's `instantiate` (its InstantiationException) print
 
 import errno
 import logging
+import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -46,23 +49,24 @@ class Interrupted(Exception):
     """The fit was stopped by Ctrl-C or SIGTERM after saving checkpoints/interrupted.ckpt."""
 
     def __init__(self, output_dir: Path, sigterm: bool) -> None:
-        from kd_lightning.run_dir import resume_command  # quoted for the shell and Hydra's lexer: it is pasted
-
+        # Quoted for the shell and Hydra's lexer: the command is pasted, and run dirs may hold spaces or any character.
         super().__init__(f"interrupted by {'SIGTERM' if sigterm else 'Ctrl-C'}; resume with: {resume_command(output_dir)}")
         self.exit_code = 143 if sigterm else 130  # the shell's codes for death by SIGTERM / SIGINT
 
 
 # What a write can meet on a full, read-only or foreign disk, and what the user can do about it.
 DISK_ERRORS = {
-    errno.ENOSPC: ("the disk is full", "free space there, or point paths.log_dir / paths.cache_dir at another disk, "
-                   "then run the same command again (a run continues from its last checkpoint)"),
-    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota, or point paths.log_dir / "
-                   "paths.cache_dir at another disk, then run the same command again"),
+    errno.ENOSPC: ("the disk is full", "free space there (or point paths.log_dir / paths.cache_dir at another disk) "
+                   "and run again: resume=<run dir> continues a run from its last checkpoint, a sweep command run "
+                   "again with hydra.sweep.dir=<sweep dir> continues the sweep"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota (or point paths.log_dir / "
+                   "paths.cache_dir at another disk) and run again: resume=<run dir> continues a run from its last "
+                   "checkpoint"),
     errno.EROFS: ("the file system is read-only", "point paths.log_dir / paths.cache_dir (or hydra.run.dir) at a "
                   "writable directory"),
-    errno.EACCES: ("permission denied", "make it writable by this user, or point paths.log_dir / paths.cache_dir "
+    errno.EACCES: ("permission denied", "give this user access to it, or point paths.log_dir / paths.cache_dir "
                    "(or hydra.run.dir) at a directory you own"),
-    errno.EPERM: ("operation not permitted", "make it writable by this user, or point paths.log_dir / "
+    errno.EPERM: ("operation not permitted", "give this user access to it, or point paths.log_dir / "
                   "paths.cache_dir (or hydra.run.dir) at a directory you own"),
 }
 
@@ -92,7 +96,11 @@ def _unwrapped(err: BaseException) -> BaseException:
 def exit_on_error(log: logging.Logger, failures: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """The entry points' exits. Bad input: its one line, exit code 2. A NaN loss (or one of the entry point's own
     `failures`, e.g. an export that does not match), a full or read-only disk: its line, exit 1. Ctrl-C /
-    SIGTERM: 130 / 143. Hydra's InstantiationException around one of these is unwrapped."""
+    SIGTERM: 130 / 143. Hydra's InstantiationException around one of these is unwrapped.
+    A log file that cannot be written (the run dir's disk is full) prints no traceback per record (Python's
+    `logging.raiseExceptions`, meant to be off in production): the disk error is reported once, in one line,
+    by the next write of a file the run needs."""
+    raise_log_errors, logging.raiseExceptions = logging.raiseExceptions, False
     try:
         yield
     except Exception as raised:  # noqa: BLE001 - sorted below; anything else is raised as it was
@@ -110,6 +118,8 @@ def exit_on_error(log: logging.Logger, failures: tuple[type[Exception], ...] = (
             log.error("%s", message)
             sys.exit(1)
         raise
+    finally:
+        logging.raiseExceptions = raise_log_errors
 
 
 class CheckOutputDir(Callback):
@@ -132,3 +142,26 @@ class CheckOutputDir(Callback):
             directory.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=directory):
                 pass
+
+
+# ---- the resume command that Interrupted prints -------------------------------------------------------------------
+def hydra_value(value: str) -> str:
+    """`value` as Hydra's override lexer reads it back: as is when it does, else double-quoted with `\\` escapes
+    (a run dir with non-ASCII characters, quotes or brackets)."""
+    def reads_back(text: str) -> bool:
+        try:
+            return OverridesParser.create().parse_override(f"k={text}").value() == value
+        except Exception:  # noqa: BLE001 - Hydra's lexer refuses it
+            return False
+
+    if reads_back(value):
+        return value
+    # Double quotes: the shell's single quotes then wrap the whole argument without escapes.
+    quoted = '"' + re.sub(r'(\\*)("|$)', lambda m: m.group(1) * 2 + ('\\"' if m.group(2) else ""), value) + '"'
+    assert reads_back(quoted), value
+    return quoted
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command that continues `run_dir`, quoted for the shell and for Hydra's lexer: pasted, it works."""
+    return f"python train.py {shlex.quote('resume=' + hydra_value(str(run_dir)))}"

@@ -264,7 +264,7 @@ def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path
         assert OmegaConf.load(d / ".hydra" / "overrides.yaml")[-2:] == [f"distill.T={job_cfg.distill.T}",
                f"model={'mlp_784_16_10' if job_cfg.model._target_.endswith('MLP') else 'mnist_cnn'}"]
         metrics = json.loads((d / "metrics.json").read_text())
-        assert metrics["epochs"] == 2 and metrics["output_dir"] == str(d)
+        assert metrics["epochs"] == 2 and metrics["best_ckpt"] == "checkpoints/best.ckpt"  # relative to the job dir
         assert {"best.ckpt", "last.ckpt", "epoch001.ckpt"} <= {p.name for p in (d / "checkpoints").iterdir()}
     keys = [set(json.loads((job_dir(sweep, j) / "metrics.json").read_text())) for j in range(4)]
     assert keys[0] == keys[1] == keys[2] == keys[3]
@@ -350,6 +350,7 @@ def test_a_group_killed_while_writing_its_outputs_resumes_from_its_state(
     import sys
 
     import kd_lightning.batched.stacked as stacked
+    from kd_lightning.sweeps import job_dirs
     from kd_lightning.train import main
 
     def sweep(sweep_dir: Path) -> str:
@@ -364,7 +365,7 @@ def test_a_group_killed_while_writing_its_outputs_resumes_from_its_state(
         return "".join(capsys.readouterr())
 
     def metrics(sweep_dir: Path, job: int) -> dict:
-        m = json.loads((sweep_dir / str(job) / "metrics.json").read_text())
+        m = json.loads((job_dirs(sweep_dir)[job] / "metrics.json").read_text())
         return {k: v for k, v in m.items() if k.startswith(("test/", "val/")) or k in ("best_val_loss", "best_epoch", "epochs")}
 
     sweep(tmp_path / "once")  # uninterrupted
@@ -382,14 +383,14 @@ def test_a_group_killed_while_writing_its_outputs_resumes_from_its_state(
         sweep(tmp_path / "twice")
     capsys.readouterr()
     twice = tmp_path / "twice"
-    assert [(twice / str(j) / "metrics.json").is_file() for j in range(3)] == [True, False, False]
+    assert [(d / "metrics.json").is_file() for d in job_dirs(twice)] == [True, False, False]
     (state,) = (twice / ".batched").glob("*.pt")
     # States no group can use: one written before states were keyed on the whole group (no job list), and
     # one whose jobs all finished.
     (twice / ".batched" / "0123456789abcdef.pt").write_bytes(state.read_bytes())
     (twice / ".batched" / "fedcba9876543210.pt").write_bytes(b"x")
     (twice / ".batched" / "fedcba9876543210.json").write_text(json.dumps(
-        {"jobs": [[str(twice / "0"), json.loads((twice / "0" / "metrics.json").read_text())["overrides"]]]}))
+        {"jobs": [[str(job_dirs(twice)[0]), json.loads((job_dirs(twice)[0] / "metrics.json").read_text())["overrides"]]]}))
 
     monkeypatch.setattr(stacked, "finish", real_finish)
     real_evaluate, splits = stacked.evaluate, []

@@ -20,6 +20,7 @@ import kd_lightning.checkpoints as checkpoints
 import kd_lightning.sweeps as sweeps
 from kd_lightning.checkpoints import atomic_torch_save, atomic_write_text
 from kd_lightning.errors import ConfigError, disk_error_message, exit_on_error
+from kd_lightning.sweeps import job_dirs, job_number
 from kd_lightning.train import main
 
 ERRNOS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
@@ -82,6 +83,31 @@ def test_exit_on_error_prints_the_line_and_exits_1(caplog: pytest.LogCaptureFixt
         raise FileNotFoundError(errno.ENOENT, "No such file", "/x")
 
 
+def test_a_log_file_on_a_full_disk_prints_no_traceback_per_record(capsys: pytest.CaptureFixture) -> None:
+    """Hydra logs each run to <run dir>/train.log: on a full disk every record's write fails, which Python's
+    logging reports with a traceback each ("--- Logging error ---"). Inside exit_on_error it does not."""
+
+    class FullDisk:
+        def write(self, text: str) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log = logging.getLogger("test.full_disk_log")
+    handler = logging.StreamHandler(FullDisk())
+    log.addHandler(handler)
+    try:
+        with exit_on_error(log):
+            log.warning("a record that cannot be written")
+        assert "Traceback" not in capsys.readouterr().err
+        assert logging.raiseExceptions  # restored
+        log.warning("outside, logging reports it as always")
+        assert "--- Logging error ---" in capsys.readouterr().err
+    finally:
+        log.removeHandler(handler)
+
+
 class RefusesInConstructor:
     def __init__(self, what: str) -> None:
         if what == "config":
@@ -136,12 +162,13 @@ def test_a_refused_temporary_file_is_named_by_its_destination(tmp_path: Path, mo
 
 
 # ---- a whole run: one line, exit 1 ----------------------------------------------------------------------------
-def failing_checkpoint_save(code: int, where: str):
-    """checkpoints.torch_save_file raising `code` for files under `where` (as the disk would: no file name)."""
+def failing_checkpoint_save(code: int, where):
+    """checkpoints.torch_save_file raising `code` for files whose path `where` accepts (as the disk would: no
+    file name)."""
     real = checkpoints.torch_save_file
 
     def save(obj: object, path: str | Path) -> None:
-        if where in str(path):
+        if where(str(path)):
             raise OSError(code, os.strerror(code))
         real(obj, path)
 
@@ -154,7 +181,7 @@ def test_a_checkpoint_write_on_a_full_disk_is_one_line(tmp_path: Path, monkeypat
                                                        capsys: pytest.CaptureFixture, code: int) -> None:
     """Issue 25.6: a run on a full disk ended with `RuntimeError: [enforce fail at inline_container.cc:672]`
     after 88 lines and never said the disk was full."""
-    monkeypatch.setattr(checkpoints, "torch_save_file", failing_checkpoint_save(code, "checkpoints"))
+    monkeypatch.setattr(checkpoints, "torch_save_file", failing_checkpoint_save(code, lambda p: "checkpoints" in p))
     rc, output = run_train(monkeypatch, capsys, "experiment=teacher", *quick(tmp_path),
                            f"hydra.run.dir={tmp_path / 'run'}")
     assert rc == 1
@@ -230,7 +257,11 @@ def test_a_sweep_on_a_full_disk_records_what_it_can_and_reports(tmp_path: Path, 
     aborted with three chained tracebacks and no report. Here job 1's checkpoint and then its failed.json hit
     ENOSPC: the sweep goes on, the report is written from job 0, and the command exits 1 naming job 1."""
     sweep_dir = tmp_path / "sweep"
-    monkeypatch.setattr(checkpoints, "torch_save_file", failing_checkpoint_save(errno.ENOSPC, f"{sweep_dir}/1/"))
+
+    def in_job_1(path: str) -> bool:
+        return path.startswith(f"{sweep_dir}/") and job_number(Path(Path(path).relative_to(sweep_dir).parts[0])) == 1
+
+    monkeypatch.setattr(checkpoints, "torch_save_file", failing_checkpoint_save(errno.ENOSPC, in_job_1))
     real_write_json = sweeps.write_json
 
     def write_json(path: Path, record: dict) -> None:
@@ -243,10 +274,36 @@ def test_a_sweep_on_a_full_disk_records_what_it_can_and_reports(tmp_path: Path, 
                            f"hydra.sweep.dir={sweep_dir}", "seed=1,2")
     assert rc == 1
     assert "Traceback" not in output
-    one_line(output, "Job 1 failed", f"{sweep_dir}/1/checkpoints/", "the disk is full")
-    one_line(output, "Job 1: failed.json could not be written", "the disk is full")
-    one_line(output, "have no record", f"{sweep_dir}/1")
-    assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["config"]["seed"] == 1
-    assert not (sweep_dir / "1" / "metrics.json").exists() and not (sweep_dir / "1" / "failed.json").exists()
+    job0, job1 = job_dirs(sweep_dir)
+    one_line(output, f"Job {job1.name} failed", f"{job1}/checkpoints/", "the disk is full")
+    one_line(output, f"Job {job1.name}: failed.json could not be written", "the disk is full")
+    one_line(output, "have no record", str(job1))
+    assert json.loads((job0 / "metrics.json").read_text())["config"]["seed"] == 1
+    assert not (job1 / "metrics.json").exists() and not (job1 / "failed.json").exists()
     assert (sweep_dir / "results.csv").is_file()  # the report, from job 0
-    assert sweeps.UNRECORDED == [str(sweep_dir / "1")]
+    assert sweeps.UNRECORDED == [str(job1)]
+
+
+def test_a_batched_jobs_failure_on_a_full_disk_costs_its_record_not_the_sweep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The batched launcher records a job's failure as run_sweep_job does: a failed.json the disk refuses is
+    named in one line and the job counted as unrecorded; nothing is raised into the launcher."""
+    from kd_lightning.batched.stacked import Job, record_failure
+    from kd_lightning.config import compose_train_config
+
+    job = Job(compose_train_config(["experiment=soft", f"paths.output_dir={tmp_path / 'job'}"]), ["distill.T=2"])
+
+    def full(path: Path, record: dict) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(sweeps, "write_json", full)
+    monkeypatch.setattr(sweeps, "UNRECORDED", [])
+    record_failure(job, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "job" / "last.ckpt")))
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == (f"Job job failed ({tmp_path / 'job' / 'last.ckpt'}: the disk is full (No space left on "
+                           f"device); free space there (or point paths.log_dir / paths.cache_dir at another disk) "
+                           f"and run again: resume=<run dir> continues a run from its last checkpoint, a sweep "
+                           f"command run again with hydra.sweep.dir=<sweep dir> continues the sweep); the sweep goes on")
+    assert messages[1].startswith(f"Job job: failed.json could not be written, so the job counts as unfinished "
+                                  f"({tmp_path / 'job' / 'failed.json'}: the disk is full")
+    assert sweeps.UNRECORDED == [str(tmp_path / "job")]
