@@ -13,6 +13,7 @@ background thread.
 
 import contextlib
 import glob
+import hashlib
 import logging
 import os
 import pickle
@@ -323,6 +324,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 self._executor.shutdown(wait=True)
                 self._executor = None
         super().teardown()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file (a teacher checkpoint: the key of its logit cache, checked before a run uses it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def intact_checkpoint(checkpoint_dir: Path) -> Path | None:

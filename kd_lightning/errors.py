@@ -10,6 +10,8 @@ these errors wrapped by Hydra's `instantiate` (its InstantiationException) print
 
 import errno
 import logging
+import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -46,8 +49,7 @@ class Interrupted(Exception):
     """The fit was stopped by Ctrl-C or SIGTERM after saving checkpoints/interrupted.ckpt."""
 
     def __init__(self, output_dir: Path, sigterm: bool) -> None:
-        from kd_lightning.run_dir import resume_command  # quoted for the shell and Hydra's lexer: it is pasted
-
+        # Quoted for the shell and Hydra's lexer: the command is pasted, and run dirs may hold spaces or any character.
         super().__init__(f"interrupted by {'SIGTERM' if sigterm else 'Ctrl-C'}; resume with: {resume_command(output_dir)}")
         self.exit_code = 143 if sigterm else 130  # the shell's codes for death by SIGTERM / SIGINT
 
@@ -140,3 +142,26 @@ class CheckOutputDir(Callback):
             directory.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=directory):
                 pass
+
+
+# ---- the resume command that Interrupted prints -------------------------------------------------------------------
+def hydra_value(value: str) -> str:
+    """`value` as Hydra's override lexer reads it back: as is when it does, else double-quoted with `\\` escapes
+    (a run dir with non-ASCII characters, quotes or brackets)."""
+    def reads_back(text: str) -> bool:
+        try:
+            return OverridesParser.create().parse_override(f"k={text}").value() == value
+        except Exception:  # noqa: BLE001 - Hydra's lexer refuses it
+            return False
+
+    if reads_back(value):
+        return value
+    # Double quotes: the shell's single quotes then wrap the whole argument without escapes.
+    quoted = '"' + re.sub(r'(\\*)("|$)', lambda m: m.group(1) * 2 + ('\\"' if m.group(2) else ""), value) + '"'
+    assert reads_back(quoted), value
+    return quoted
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command that continues `run_dir`, quoted for the shell and for Hydra's lexer: pasted, it works."""
+    return f"python train.py {shlex.quote('resume=' + hydra_value(str(run_dir)))}"

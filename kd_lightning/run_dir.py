@@ -16,8 +16,6 @@ import functools
 import json
 import logging
 import os
-import re
-import shlex
 import socket
 import sys
 import time
@@ -26,8 +24,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+# Imported by Hydra's run-dir resolver and callback in every process: torch, Lightning and the nets are imported
+# inside the functions that need them.
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +99,8 @@ def resolve_recorded(run_dir: str | Path, value: str | Path, recorded_dir: str |
 def checked_teacher(ckpt: str | Path, sha256: str | None, run_dir: str | Path) -> Path:
     """A teacher checkpoint recorded by the run `run_dir` (another run's file: an absolute path and its sha256),
     checked before use: one line if it is gone or its content changed since the run used it."""
+    from kd_lightning.checkpoints import file_sha256
     from kd_lightning.errors import CheckpointError
-    from kd_lightning.teacher import file_sha256
 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
@@ -116,31 +118,6 @@ def teacher_ckpts_of(run_dir: str | Path, metrics: Mapping[str, Any]) -> list[Pa
     paths = metrics.get("teacher_ckpts") or ([metrics["teacher_ckpt"]] if metrics.get("teacher_ckpt") else [])
     shas = metrics.get("teacher_ckpts_sha256") or [None] * len(paths)
     return [checked_teacher(p, sha, run_dir) for p, sha in zip(paths, shas)]
-
-
-# ---- the resume command ---------------------------------------------------------------------------------------
-def hydra_value(value: str) -> str:
-    """`value` as Hydra's override lexer reads it back: as is when it does, else double-quoted with `\\` escapes
-    (a run dir with non-ASCII characters, quotes or brackets)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    def reads_back(text: str) -> bool:
-        try:
-            return OverridesParser.create().parse_override(f"k={text}").value() == value
-        except Exception:  # noqa: BLE001 - Hydra's lexer refuses it
-            return False
-
-    if reads_back(value):
-        return value
-    # Double quotes: the shell's single quotes then wrap the whole argument without escapes.
-    quoted = '"' + re.sub(r'(\\*)("|$)', lambda m: m.group(1) * 2 + ('\\"' if m.group(2) else ""), value) + '"'
-    assert reads_back(quoted), value
-    return quoted
-
-
-def resume_command(run_dir: str | Path) -> str:
-    """The command that continues `run_dir`, quoted for the shell and for Hydra's lexer: pasted, it works."""
-    return f"python train.py {shlex.quote('resume=' + hydra_value(str(run_dir)))}"
 
 
 # ---- resume=: the overrides that cannot change what the finished epochs mean ----------------------------------
@@ -200,8 +177,6 @@ def apply_resume_changes(run_dir: str | Path, cfg: DictConfig, overrides: list[s
     (`resume_force=[key, ...]`); anything else, and any config group (model=, data=), is one line naming the key,
     its saved value and the new one. Return every change, with the epoch from which it holds (recorded in
     `RESUME_CHANGES` by the caller and in metrics.json)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     from kd_lightning.config import CONF_DIR
     from kd_lightning.errors import ConfigError
 
@@ -269,5 +244,6 @@ def run_record(result: Mapping[str, Any]) -> dict[str, Any]:
     """What metrics.json records of a run's `result`: the paths to its own files relative to its dir (`best_ckpt`),
     without the dir it ran in (a copied or moved run is the same run)."""
     record = {k: v for k, v in result.items() if k != "output_dir"}
-    record["best_ckpt"] = recorded_path(result["output_dir"], result["best_ckpt"])
+    if result.get("best_ckpt") and result.get("output_dir"):
+        record["best_ckpt"] = recorded_path(result["output_dir"], result["best_ckpt"])
     return record

@@ -42,7 +42,7 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from kd_lightning.checkpoints import atomic_copy, atomic_torch_save, atomic_write, remove_dead_temporaries
+from kd_lightning.checkpoints import atomic_copy, atomic_torch_save, atomic_write, file_sha256, remove_dead_temporaries
 from kd_lightning.config import compose_train_config, is_distillation
 from kd_lightning.launch import train_in_one_process
 
@@ -227,14 +227,6 @@ class TeacherCache:
         atomic_copy(best_ckpt, self.ckpt)
         record = {"key": self.key, "teacher_ckpt_sha256": file_sha256(self.ckpt), "identity": self.identity}
         atomic_write(self.record, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, sort_keys=True)))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def given_teacher(path: Path, model_cfg: DictConfig, cache_dir: str | Path) -> Path:

@@ -72,11 +72,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # The method's teachers (none, one, or several for multi_teacher), each cached or trained now.
     runs = get_method(cfg.distill.method).teacher_runs(cfg) if distillation else []
     teacher_ckpts = [ensure_teacher(run_cfg, datamodule) for run_cfg in runs]
-    teacher_shas = [file_sha256(c) for c in teacher_ckpts]
-    if cfg.get("ckpt_path"):  # continuing: the teachers must be those the finished epochs learnt from
-        check_same_teachers(output_dir, teacher_ckpts, teacher_shas)
-    run = build(cfg, datamodule, teacher_ckpts)
+    run = build(cfg, datamodule, teacher_ckpts)  # a missing or damaged teacher checkpoint: its one line here
     module, trainer = run.module, run.trainer
+    teacher_shas = [file_sha256(c) for c in teacher_ckpts]
+    check_same_teachers(cfg, output_dir, teacher_ckpts, teacher_shas)  # continuing: those of the finished epochs
 
     if cfg.get("ckpt_path") == "last" and not list((output_dir / "checkpoints").glob("*.ckpt")):
         log.warning("ckpt_path=last: no checkpoint in %s yet, so training starts from the beginning", output_dir)
@@ -161,17 +160,26 @@ def ensure_teacher(cfg: DictConfig, datamodule: Any) -> Path:
     return cache.ckpt
 
 
-def check_same_teachers(run_dir: Path, teacher_ckpts: list[Path], shas: list[str]) -> None:
-    """A finished run continued (resume=, trainer.max_epochs raised) must distil from the teachers its metrics.json
-    records: one line naming the first whose content changed."""
-    metrics = run_dir / "metrics.json"
-    recorded = json.loads(metrics.read_text()).get("teacher_ckpts_sha256") if metrics.is_file() else None
-    if not recorded:
-        return
-    for ckpt, sha, was in zip(teacher_ckpts, shas, recorded):
-        if sha != was:
-            raise ConfigError(f"the teacher {ckpt} is not the one {run_dir} was distilled from (sha256 {sha[:12]}..., "
-                              f"recorded {was[:12]}...): resuming would mix two teachers; start a new run")
+TEACHERS_RECORD = "teachers.json"  # a distillation run's teachers, recorded when its fit starts
+
+
+def check_same_teachers(cfg: DictConfig, run_dir: Path, teacher_ckpts: list[Path], shas: list[str]) -> None:
+    """A resumed run must distil from the teachers its finished epochs learnt from (their sha256 in metrics.json,
+    else in teachers.json, written when the fit started): one line naming the first whose content changed. A run
+    that starts its fit records them."""
+    recorded = None
+    for name, key in (("metrics.json", "teacher_ckpts_sha256"), (TEACHERS_RECORD, "sha256")):
+        if recorded is None and (run_dir / name).is_file():
+            recorded = json.loads((run_dir / name).read_text()).get(key)
+    if recorded is not None and cfg.get("ckpt_path"):
+        for ckpt, sha, was in zip(teacher_ckpts, shas, recorded):
+            if sha != was:
+                raise ConfigError(f"the teacher {ckpt} is not the one {run_dir} was distilled from (sha256 "
+                                  f"{sha[:12]}..., recorded {was[:12]}...): resuming would mix two teachers; start a "
+                                  "new run")
+    elif teacher_ckpts and is_first_rank():
+        atomic_write_text(run_dir / TEACHERS_RECORD, json.dumps(
+            {"teacher_ckpts": [str(Path(c).absolute()) for c in teacher_ckpts], "sha256": shas}, indent=2))
 
 
 def load_teacher(run_cfg: DictConfig, ckpt: Path) -> nn.Module:

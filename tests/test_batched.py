@@ -264,7 +264,7 @@ def test_train_py_multirun_with_the_batched_launcher(common: list[str], tmp_path
         assert OmegaConf.load(d / ".hydra" / "overrides.yaml")[-2:] == [f"distill.T={job_cfg.distill.T}",
                f"model={'mlp_784_16_10' if job_cfg.model._target_.endswith('MLP') else 'mnist_cnn'}"]
         metrics = json.loads((d / "metrics.json").read_text())
-        assert metrics["epochs"] == 2 and metrics["output_dir"] == str(d)
+        assert metrics["epochs"] == 2 and metrics["best_ckpt"] == "checkpoints/best.ckpt"  # relative to the job dir
         assert {"best.ckpt", "last.ckpt", "epoch001.ckpt"} <= {p.name for p in (d / "checkpoints").iterdir()}
     keys = [set(json.loads((job_dir(sweep, j) / "metrics.json").read_text())) for j in range(4)]
     assert keys[0] == keys[1] == keys[2] == keys[3]

@@ -246,7 +246,7 @@ def test_every_pair_trains_with_kd_dkd_and_at(tmp_path: Path, fake_cifar100: Pat
 def test_sweep_command_writes_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sweep command on fake CIFAR-100 (torchvision's checksums of the fake files given to the subprocess by a
     sitecustomize.py on its PYTHONPATH): one pair, kd, two seeds; the teacher trained once."""
-    from fake_data import write_cifar100, write_checksum_sitecustomize
+    from fake_data import write_checksum_sitecustomize, write_cifar100
     from helpers import offline_overrides, run_script
 
     site = write_checksum_sitecustomize(tmp_path / "site", {"CIFAR100": write_cifar100(tmp_path / "data", 64, 16)})

@@ -19,8 +19,7 @@ from torch import nn
 from fake_data import write_cifar10, write_idx, write_mnist
 from kd_lightning.checkpoints import load_net
 from kd_lightning.config import compose_train_config
-from kd_lightning.data import CIFAR10DataModule, MNISTDataModule
-from kd_lightning.data import fingerprint
+from kd_lightning.data import CIFAR10DataModule, MNISTDataModule, fingerprint
 from kd_lightning.data.mnist import load_mnist_sample
 from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_teacher_config, compute_teacher_logits
 from kd_lightning.train import train

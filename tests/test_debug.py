@@ -11,8 +11,8 @@ import yaml
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import run_script
 from helpers import offline_overrides as offline
+from helpers import run_script
 from kd_lightning.config import CONF_DIR, compose_train_config, is_distillation
 from kd_lightning.data import MNISTDataModule
 from kd_lightning.teacher import compose_teacher_config, teacher_identity

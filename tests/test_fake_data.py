@@ -4,8 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_data import stratified_order, write_mnist
 from torchvision import datasets
+
+from fake_data import stratified_order, write_mnist
 
 
 @pytest.mark.parametrize(("n_train", "n_test"), [(2000, 500), (400, 100), (64, 30)])

@@ -75,12 +75,11 @@ def test_deferred_checkpoint_sync_keeps_order_and_reports_errors(tmp_path: Path,
     """Epoch-end saves return before their fsyncs and rename; those run in order, and a failure is raised later."""
     import errno
     import os
+    import threading
 
     import torch
 
     from kd_lightning.checkpoints import AtomicCheckpointIO
-
-    import threading
 
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     # Deferred: a save returns while its fsync is still held back (a synchronous writer would wait in it here,

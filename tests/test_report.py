@@ -233,7 +233,7 @@ def test_a_damaged_metrics_json_is_named_and_the_report_written_from_the_others(
     assert [r["status"] for r in rows] == ["done", "damaged", "done"]
     assert rows[1]["settings"]["module.optimizer.lr"] == 0.01  # its job.json still says what it was
     md = (tmp_path / "results.md").read_text()
-    assert "2 of 3 jobs done" in md and f"- job 1 damaged: metrics.json is damaged: run the sweep command again" in md
+    assert "2 of 3 jobs done" in md and "- job 1 damaged: metrics.json is damaged: run the sweep command again" in md
     assert [r[4] for r in table_rows(md)[2:]] == ["0.001", "0.1"]
 
 

@@ -23,9 +23,8 @@ from helpers import offline_overrides as offline
 from helpers import run_script
 from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.config import CONF_DIR, compose_train_config
-from kd_lightning.errors import ConfigError, Interrupted
+from kd_lightning.errors import ConfigError, Interrupted, hydra_value
 from kd_lightning.eval import evaluate
-from kd_lightning.run_dir import hydra_value
 from kd_lightning.train import resume_config, train
 
 # A small net with dropout (so the resumed RNG state matters), Adadelta + StepLR (scheduler state), 3 epochs.
@@ -243,12 +242,18 @@ def test_a_copied_run_resumes_in_place_and_its_best_ckpt_stays_best(soft_run: Pa
     assert evaluate(eval_cfg)["test/acc"] == metrics["test/acc"]
 
 
-def test_resuming_with_another_teacher_than_the_recorded_one_is_refused(soft_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("record", ["metrics.json", "teachers.json"])  # a finished run; an interrupted one
+def test_resuming_with_another_teacher_than_the_recorded_one_is_refused(soft_run: Path, tmp_path: Path,
+                                                                         record: str) -> None:
     run = copy_of(soft_run, tmp_path)
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics["teacher_ckpts_sha256"] = ["0" * 64]  # as if the cached teacher had been retrained since
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    with pytest.raises(ConfigError, match=rf"^the teacher {metrics['teacher_ckpt']} is not the one {run} was "
+    teacher = json.loads((run / "metrics.json").read_text())["teacher_ckpt"]
+    assert json.loads((run / "teachers.json").read_text())["teacher_ckpts"] == [teacher]
+    if record == "teachers.json":
+        (run / "metrics.json").unlink()
+    recorded = json.loads((run / record).read_text())
+    recorded["teacher_ckpts_sha256" if record == "metrics.json" else "sha256"] = ["0" * 64]  # as if the cached
+    (run / record).write_text(json.dumps(recorded))  # teacher had been retrained since
+    with pytest.raises(ConfigError, match=rf"^the teacher {teacher} is not the one {run} was "
                                           r"distilled from \(sha256 \w{12}\.\.\., recorded 000000000000\.\.\.\)"):
         train(resume_config(run, ["trainer.max_epochs=3"]))
 

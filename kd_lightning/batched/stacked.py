@@ -43,11 +43,18 @@ from torch.func import stack_module_state
 
 from kd_lightning.batched.checkpoint_layout import checkpoint, student_optimizer_state
 from kd_lightning.card import test_logits, write_card
-from kd_lightning.checkpoints import atomic_torch_save, atomic_write_text, load_net, remove_dead_temporaries
+from kd_lightning.checkpoints import (
+    atomic_torch_save,
+    atomic_write_text,
+    file_sha256,
+    load_net,
+    remove_dead_temporaries,
+)
+from kd_lightning.errors import disk_error_message
 from kd_lightning.losses import soft_targets, stacked_cross_entropy, stacked_kd_term
 from kd_lightning.models.stats import count_params
+from kd_lightning.run_dir import run_record
 from kd_lightning.summary import hp_metrics_of, hparams_of
-from kd_lightning.errors import disk_error_message
 from kd_lightning.sweeps import record_outcome
 from kd_lightning.teacher import cached_teacher_logits, compose_teacher_config
 from kd_lightning.tensorboard_figures import N_EXAMPLES, log_test_figures
@@ -571,13 +578,14 @@ def finish(s: Student, datamodule: Any, logits: dict[str, Tensor], card_teacher_
         **test, **fit_facts(s.best),
         "data_source": datamodule.source, "params": params, "teacher_params": count_params(teacher),
         "best_ckpt": s.best.best_model_path, "teacher_ckpt": str(teacher_ckpt),
-        "teacher_ckpts": [str(teacher_ckpt)], "output_dir": str(job.dir),
+        "teacher_ckpts": [str(teacher_ckpt)], "teacher_ckpts_sha256": [file_sha256(teacher_ckpt)],
+        "output_dir": str(job.dir),
         "wall_seconds": wall_seconds,
     }
     for lg in s.logger:
         lg.log_hyperparams(hparams_of(job.cfg, datamodule.source), hp_metrics_of(result))
     (job.dir / "failed.json").unlink(missing_ok=True)
-    record_outcome(job.dir, job.dir / "metrics.json", {**result, "overrides": job.overrides, "config": job.settings()})
+    record_outcome(job.dir, job.dir / "metrics.json", {**run_record(result), "overrides": job.overrides, "config": job.settings()})
     # the cheap model card, as every distillation run writes (the student's test logits are its own: cheap)
     write_card(job.dir, job.cfg, datamodule=datamodule, teacher_logits=card_teacher_logits)
     finish_run(s.logger, job.dir)  # trackers (logger=mlflow, ...) get the job's files, then every logger is closed

@@ -26,7 +26,6 @@ How a DataModule stores its splits (`splits`: tensors for MNIST, dataset views f
 """
 
 from collections.abc import Iterable, Sequence
-
 from pathlib import Path
 
 import pytorch_lightning as pl

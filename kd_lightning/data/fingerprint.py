@@ -24,24 +24,15 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from kd_lightning.checkpoints import atomic_write_text
+from kd_lightning.checkpoints import atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
 RACY_S = 2.0  # files modified more recently than this are not memoized
 
 
 def memo_path() -> Path:
     return Path(os.environ.get("KD_FINGERPRINT_MEMO", Path.home() / ".cache" / "kd-lightning" / "fingerprints.json"))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def files_digest(files: Iterable[tuple[str, Path]], hash_content: bool = True) -> str:
