@@ -71,6 +71,25 @@ def test_every_split_keeps_the_contract(folder: Path) -> None:
         assert torch.equal(shown, images[[n - 1, 0]].float() / 255)
 
 
+def test_training_batches_carry_split_indices(folder: Path) -> None:
+    """Training batches are `(inputs, labels, indices)` with indices the examples' positions in the train split
+    (CRD's memory bank and per-example caches are indexed by them); split_labels reads no image yet agrees with
+    the contract's generic reading through raw_images."""
+    dm = make(folder)
+    dm.setup("fit")
+    labels = dm.split_labels("train")
+    assert labels.dtype == torch.long and len(labels) == dm.split_size("train") == 20
+    assert torch.equal(labels, KDDataModule.split_labels(dm, "train"))
+    assert torch.equal(dm.split_labels("val"), dm.raw_images("val", range(dm.split_size("val")))[1])
+    order = []
+    for _, y, idx in dm.train_dataloader():
+        assert torch.equal(labels[idx], y)  # an index names the example the batch holds
+        order.append(idx)
+    order = torch.cat(order)
+    assert torch.equal(order.sort().values, torch.arange(20))  # 20 examples in batches of 4: each once
+    assert not torch.equal(order, torch.arange(20))  # shuffled, so the index is not the batch position
+
+
 def test_test_split_is_cut_with_a_warning_or_refused(tmp_path: Path, caplog) -> None:
     root = write_image_folder(tmp_path / "images", per_class=10)
     with caplog.at_level(logging.WARNING):

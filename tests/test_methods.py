@@ -654,7 +654,8 @@ def test_every_method_trains_on_mnist(tmp_path: Path, method: str, standardized:
                f"{{experiment: teacher, ckpt_path: {mnist_teachers[1]}}}]"
     result = train_method(tmp_path, method, "experiment=soft", "model=mnist_conv_student",
                           f"teacher.ckpt_path={mnist_teachers[0]}", teachers, "data.download=false",
-                          f"paths.data_dir={tmp_path / 'data'}", f"distill.logit_standardization={str(standardized).lower()}")
+                          f"paths.data_dir={tmp_path / 'data'}", f"distill.logit_standardization={str(standardized).lower()}",
+                          "distill.crd.nce_k=1024")  # 3,200 digits
     assert 0 <= result["test/acc"] <= 1 and result["epochs"] == 1
     assert_student_trained(result, watched)
     if get_method(method).uses_teacher:
@@ -702,7 +703,8 @@ def test_every_method_trains_on_fake_cifar(tmp_path: Path, method: str, monkeypa
                f"{{experiment: cifar10_teacher, ckpt_path: {ckpt}, overrides: ['{small}']}}]"
     result = train_method(tmp_path, method, "experiment=cifar10_soft", small, f"teacher.ckpt_path={ckpt}",
                           f"teacher.overrides=['{small}']", teachers, "data.download=false",
-                          f"paths.data_dir={tmp_path / 'data'}", "data.batch_size=8", "data.num_workers=0")
+                          f"paths.data_dir={tmp_path / 'data'}", "data.batch_size=8", "data.num_workers=0",
+                          "distill.crd.nce_k=16")  # 36 training images
     assert 0 <= result["test/acc"] <= 1 and result["epochs"] == 1
     assert_student_trained(result, watched)
     assert result["params"] == sum(p.numel() for p in CifarResNet([1, 1, 1, 1], stages=2).parameters())
@@ -801,7 +803,7 @@ def test_a_method_missing_a_setting_names_it_in_one_line() -> None:
 
 def test_the_config_lists_each_methods_file_defaults() -> None:
     distill = distill_defaults()
-    for name in ("fitnet", "at", "dkd", "rkd", "multi_teacher", "label_smoothing", "tf_kd", "dist"):
+    for name in ("fitnet", "at", "dkd", "rkd", "multi_teacher", "label_smoothing", "tf_kd", "dist", "crd", "reviewkd"):
         assert OmegaConf.to_container(distill[name]) == get_method(name).defaults, name
 
 

@@ -12,6 +12,11 @@ declared here, never how a DataModule stores its examples, so they work on every
 - per split (`train`, `val`, `test`): `split_size(split)`, `raw_images(split, indices)` (the stored pixels, for
   figures and files) and `eval_loader(split)` (the split in dataset order, un-augmented, batches
   `(inputs, labels, dataset_indices)`);
+- training batches (`train_dataloader()`) are `(inputs, labels, dataset_indices)` too, the indices being the
+  examples' positions in the train split (in `range(split_size("train"))`, as `eval_loader("train")` and
+  `raw_images("train", ...)` index them), whatever the shuffling, augmentation or DDP sharding: per-example
+  state kept across steps (a teacher-logit cache, CRD's memory bank) is looked up and updated by them;
+  `split_labels(split)` gives the labels of a whole split in that order;
 - `cache_identity()`: what fixes every split's examples and un-augmented inputs, the key of per-example caches
   and (through the teacher's data identity) of the teacher cache. It includes `content`, the fingerprint of the
   files `setup()` read (`data_files()`, see kd_lightning/data/fingerprint.py), so that other files of the same
@@ -24,11 +29,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from torch import Tensor
 
 from kd_lightning.data.fingerprint import files_digest
 
 SPLITS = ("train", "val", "test")
+LABEL_CHUNK = 4096  # examples read at a time by split_labels (a CIFAR chunk's pixels: 12 MB)
 
 
 class KDDataModule(pl.LightningDataModule):
@@ -54,6 +61,14 @@ class KDDataModule(pl.LightningDataModule):
     def eval_loader(self, split: str, batch_size: int | None = None) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
         """`split` in dataset order, without random augmentation (for teacher-logit caches and influence)."""
         raise NotImplementedError
+
+    def split_labels(self, split: str) -> Tensor:
+        """The int64 labels of every example of `split`, in dataset order (the order batch indices refer to).
+        Read through `raw_images` in chunks, so a DataModule needs nothing more; override it where cheaper."""
+        n = self.split_size(split)
+        chunks = [self.raw_images(split, range(start, min(start + LABEL_CHUNK, n)))[1]
+                  for start in range(0, n, LABEL_CHUNK)]
+        return torch.cat(chunks).long() if chunks else torch.zeros(0, dtype=torch.long)
 
     def data_files(self) -> list[tuple[str, Path]]:
         """The files `setup()` read, as `(stable name, path)` pairs (after setup)."""

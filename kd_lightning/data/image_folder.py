@@ -383,6 +383,11 @@ class ImageFolderDataModule(KDDataModule):
         self.check_split(split)
         return len(self.items[split])
 
+    def split_labels(self, split: str) -> Tensor:
+        """The labels of `split` in dataset order, from the scanned folder (no image is decoded)."""
+        self.check_split(split)
+        return torch.tensor([label for _, label in self.items[split]], dtype=torch.long)
+
     def raw_images(self, split: str, indices: Iterable[int]) -> tuple[Tensor, Tensor]:
         """The eval views (resized, centre-cropped) as uint8 [n, H, W] (grey) or [n, H, W, 3], with labels."""
         self.check_split(split)

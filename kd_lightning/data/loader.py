@@ -16,8 +16,9 @@ Progress = Callable[[], tuple[int, int]]
 class TensorLoader:
     """Iterates over `(inputs, labels, indices)` batches of in-memory tensors.
 
-    `indices` are the examples' positions in `images`, so per-example side data (a teacher-logit cache)
-    is looked up by them and can never be misaligned by shuffling. The shuffled order is a fixed function of
+    `indices` are the examples' positions in `images`, so per-example side data (a teacher-logit cache, CRD's
+    memory bank) is looked up by them and can never be misaligned by shuffling (the KDDataModule contract,
+    kd_lightning/data/datamodule.py, for training batches as for evaluation ones). The shuffled order is a fixed function of
     `seed` and the epoch. With `progress` (given for training) the epoch and the number of batches to skip are
     read from the fit itself when iteration starts, so a fit resumed mid-epoch continues with the same
     permutation at the first batch it has not trained on. Under DDP each rank takes an interleaved shard of

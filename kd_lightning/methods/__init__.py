@@ -12,7 +12,7 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.methods.base import METHODS, Method, StepInputs, register
 
 # The built-in methods in the order they are listed (error messages, docs); then any other file here.
-BUILT_IN = ("kd", "fitnet", "at", "dkd", "rkd", "multi_teacher", "label_smoothing", "tf_kd", "dist")
+BUILT_IN = ("kd", "fitnet", "at", "dkd", "rkd", "multi_teacher", "label_smoothing", "tf_kd", "dist", "crd", "reviewkd")
 
 
 def discover() -> None:

@@ -40,6 +40,7 @@ class StepInputs:
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     progress: float = 0.0  # epochs trained so far, fractional (warm-ups); the epoch in progress is int(progress)
     teacher_logits: Tensor | None = None  # the teacher's raw logits (no grad), beside teacher_log_probs
+    indices: Tensor | None = None  # the examples' positions in the train split (per-example state: CRD)
 
 
 METHODS: dict[str, type["Method"]] = {}
@@ -179,6 +180,10 @@ class Method(nn.Module):
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Resolve default layers (a net's `feature_layers`, the input of its last Linear) against the nets."""
+
+    def bind_data(self, datamodule: Any) -> None:
+        """Read what the loss needs of the training split (a KDDataModule, set up), once, before `build`
+        (CRD: the split's size and labels, for its memory bank)."""
 
     def build(self, features: dict[str, Tensor], teacher_features: dict[str, Tensor]) -> None:
         """Make the trainable parts that depend on feature shapes (called once, before the optimizer)."""

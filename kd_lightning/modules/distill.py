@@ -83,6 +83,8 @@ class DistillModule(ClassifierModule):
             )
 
     def setup(self, stage: str) -> None:
+        if not self.method_built and self.trainer.datamodule is not None:
+            self.method.bind_data(self.trainer.datamodule)
         self.build_method(getattr(self.trainer.datamodule, "input_shape", None))
 
     def build_method(self, input_shape: tuple[int, ...] | None) -> None:
@@ -164,7 +166,7 @@ class DistillModule(ClassifierModule):
         method = self.method
         with capture(self.net, method.student_layers) as features:
             student_logits = self.net(x)
-        step = StepInputs(student_logits, y, features=features)
+        step = StepInputs(student_logits, y, features=features, indices=idx)
         if method.teacher_layers:  # the teacher runs now, features and all
             with torch.no_grad(), capture(self.teacher, method.teacher_layers) as step.teacher_features:
                 step.teacher_logits = self.teacher(x)
