@@ -96,9 +96,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **{k: float(v) for k, v in test_metrics.items()},
         **{f"last/{k}": float(v) for k, v in last_metrics.items()},
         **fit_facts(best),
-        "data_source": datamodule.source,
-        "class_names": getattr(datamodule, "class_names", None),  # image_folder: predictions by name
-        "normalization": {"mean": datamodule.mean, "std": datamodule.std},  # the values the inputs were standardized with
+        **data_facts(datamodule),
         "params": count_params(module.net),
         "teacher_params": count_params(module.teacher) if getattr(module, "teacher", None) is not None else None,
         "best_ckpt": str(best.best_model_path),
@@ -106,9 +104,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "teacher_ckpt": str(Path(teacher_ckpts[0]).absolute()) if len(teacher_ckpts) == 1 else None,
         "teacher_ckpts": [str(Path(c).absolute()) for c in teacher_ckpts],
         "teacher_ckpts_sha256": teacher_shas,
-        # The file the user gave as teacher.ckpt_path (a released checkpoint), as given, with its sha256.
-        "teacher_file": str(teacher_files[0]) if len(teacher_files) == 1 else None,
-        "teacher_sha256": file_sha256(teacher_files[0]) if len(teacher_files) == 1 else None,
+        **teacher_file_facts(teacher_files),
         "output_dir": str(output_dir),
         "wall_seconds": time.perf_counter() - started,
         "tags": list(cfg.get("tags") or []),
@@ -119,6 +115,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         record(cfg, result, trainer, datamodule.source)
     return result
+
+
+def data_facts(datamodule: Any) -> dict[str, Any]:
+    """What a result records about its data (train() and the batched launcher's jobs alike)."""
+    return {
+        "data_source": datamodule.source,
+        "class_names": getattr(datamodule, "class_names", None),  # image_folder: predictions by name
+        "normalization": {"mean": datamodule.mean, "std": datamodule.std},  # the values the inputs were standardized with
+    }
+
+
+def teacher_file_facts(teacher_files: list[Path]) -> dict[str, Any]:
+    """The file the user gave as teacher.ckpt_path (a released checkpoint), as given, with its sha256: one teacher."""
+    one = len(teacher_files) == 1
+    return {"teacher_file": str(teacher_files[0]) if one else None,
+            "teacher_sha256": file_sha256(teacher_files[0]) if one else None}
 
 
 def prepare_data(cfg: DictConfig) -> pl.LightningDataModule:

@@ -59,7 +59,7 @@ from kd_lightning.sweeps import record_outcome
 from kd_lightning.teacher import cached_teacher_logits, compose_teacher_config
 from kd_lightning.tensorboard_figures import N_EXAMPLES, log_test_figures
 from kd_lightning.trackers import finish_run
-from kd_lightning.train import ensure_teacher, fit_facts, prepare_data
+from kd_lightning.train import data_facts, ensure_teacher, fit_facts, prepare_data, teacher_file_facts
 from kd_lightning.validation import validate_config
 
 log = logging.getLogger(__name__)
@@ -576,9 +576,10 @@ def finish(s: Student, datamodule: Any, logits: dict[str, Tensor], card_teacher_
     params = sum(v.numel() for v in state.values())
     result: dict[str, Any] = {
         **test, **fit_facts(s.best),
-        "data_source": datamodule.source, "params": params, "teacher_params": count_params(teacher),
+        **data_facts(datamodule), "params": params, "teacher_params": count_params(teacher),
         "best_ckpt": s.best.best_model_path, "teacher_ckpt": str(teacher_ckpt),
         "teacher_ckpts": [str(teacher_ckpt)], "teacher_ckpts_sha256": [file_sha256(teacher_ckpt)],
+        **teacher_file_facts([Path(job.cfg.teacher.ckpt_path) if job.cfg.teacher.ckpt_path else Path(teacher_ckpt)]),
         "output_dir": str(job.dir),
         "wall_seconds": wall_seconds,
         "tags": list(job.cfg.get("tags") or []), **run_identity(job.cfg, job.dir),  # as train() records them
