@@ -29,6 +29,21 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def worker_loader_settings(datamodule: Any) -> dict[str, Any]:
+    """num_workers, pin_memory, persistent_workers of a DataModule whose loaders decode in workers; those left null
+    (None) get defaults for this machine."""
+    num_workers = datamodule.num_workers
+    if num_workers is None:
+        # Every available core, shared by the processes (GPUs) of this machine: one worker crops, flips and
+        # normalizes about 2,000 CIFAR images/s per core (measured on a 2-core CPU); a GPU needs many such workers.
+        num_workers = max(1, available_cores() // (datamodule.trainer.num_devices if datamodule.trainer else 1))
+    return {
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available() if datamodule.pin_memory is None else datamodule.pin_memory,
+        "persistent_workers": num_workers > 0 if datamodule.persistent_workers is None else datamodule.persistent_workers,
+    }
+
+
 class IndexedSubset(Dataset):
     """Items `(transform(image), label, i)` for the i-th of `indices` in `dataset`.
 
@@ -157,17 +172,7 @@ class CIFARDataModule(KDDataModule):
 
     # ---- loaders ---------------------------------------------------------------------------------------------
     def loader_settings(self) -> dict[str, Any]:
-        """num_workers, pin_memory, persistent_workers; those left null (None) get defaults for this machine."""
-        num_workers = self.num_workers
-        if num_workers is None:
-            # Every available core, shared by the processes (GPUs) of this machine: one worker crops, flips and
-            # normalizes about 2,000 images/s per core (measured on a 2-core CPU); a GPU needs many such workers.
-            num_workers = max(1, available_cores() // (self.trainer.num_devices if self.trainer else 1))
-        return {
-            "num_workers": num_workers,
-            "pin_memory": torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
-            "persistent_workers": num_workers > 0 if self.persistent_workers is None else self.persistent_workers,
-        }
+        return worker_loader_settings(self)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool = False) -> DataLoader:
         return DataLoader(

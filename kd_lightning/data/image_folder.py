@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from kd_lightning.checkpoints import atomic_torch_save, atomic_write_text
-from kd_lightning.data.cifar import available_cores
+from kd_lightning.data.cifar import worker_loader_settings
 from kd_lightning.data.datamodule import SPLITS, KDDataModule
 from kd_lightning.errors import ConfigError, DataError
 
@@ -442,16 +442,7 @@ class ImageFolderDataModule(KDDataModule):
         return tensor
 
     def loader_settings(self) -> dict[str, Any]:
-        """num_workers, pin_memory, persistent_workers; null (None) ones get defaults for this machine: every
-        available core, shared by the processes (GPUs) of the machine."""
-        num_workers = self.num_workers
-        if num_workers is None:
-            num_workers = max(1, available_cores() // (self.trainer.num_devices if self.trainer else 1))
-        return {
-            "num_workers": num_workers,
-            "pin_memory": torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
-            "persistent_workers": num_workers > 0 if self.persistent_workers is None else self.persistent_workers,
-        }
+        return worker_loader_settings(self)  # as CIFAR's: every available core, shared by the machine's processes
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool = False) -> DataLoader:
         return DataLoader(
