@@ -253,6 +253,18 @@ def last_linear_input(net: nn.Module) -> str:
     return linears[-1] + INPUT_SUFFIX
 
 
+def bind_embedding_layers(method: "Method", student: nn.Module, teacher: nn.Module | None) -> None:
+    """For methods on the penultimate embedding (rkd, crd): `distill.<name>.student_layer`/`teacher_layer`, by default
+    the input of each net's classifier head, checked to exist."""
+    s = method.hp["student_layer"] or last_linear_input(student)
+    find_module(student, s, f"distill.{method.name}.student_layer")
+    method.student_layers = [s]
+    if teacher is not None:
+        t = method.hp["teacher_layer"] or last_linear_input(teacher)
+        find_module(teacher, t, f"distill.{method.name}.teacher_layer")
+        method.teacher_layers = [t]
+
+
 def default_feature_layers(net: nn.Module, role: str, key: str) -> list[str]:
     layers = list(getattr(net, "feature_layers", ()))
     if not layers:

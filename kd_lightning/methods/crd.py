@@ -37,8 +37,7 @@ from kd_lightning.methods.base import (
     LossTerms,
     Method,
     StepInputs,
-    find_module,
-    last_linear_input,
+    bind_embedding_layers,
     layer_spec,
     non_negative,
     one_of,
@@ -169,13 +168,7 @@ class CRD(Method):
         self.n_data = 0
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        s = self.hp["student_layer"] or last_linear_input(student)
-        find_module(student, s, "distill.crd.student_layer")
-        self.student_layers = [s]
-        if teacher is not None:
-            t = self.hp["teacher_layer"] or last_linear_input(teacher)
-            find_module(teacher, t, "distill.crd.teacher_layer")
-            self.teacher_layers = [t]
+        bind_embedding_layers(self, student, teacher)
 
     def bind_data(self, datamodule: Any) -> None:
         self.make_bank(datamodule.split_labels("train"), getattr(datamodule, "batch_size", None))

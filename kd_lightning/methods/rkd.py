@@ -24,8 +24,7 @@ from kd_lightning.methods.base import (
     LossTerms,
     Method,
     StepInputs,
-    find_module,
-    last_linear_input,
+    bind_embedding_layers,
     layer_spec,
     non_negative,
     register,
@@ -76,13 +75,7 @@ class RKD(Method):
         self.ce_weight = self.hp["ce_weight"]
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        s = self.hp["student_layer"] or last_linear_input(student)
-        find_module(student, s, "distill.rkd.student_layer")
-        self.student_layers = [s]
-        if teacher is not None:
-            t = self.hp["teacher_layer"] or last_linear_input(teacher)
-            find_module(teacher, t, "distill.rkd.teacher_layer")
-            self.teacher_layers = [t]
+        bind_embedding_layers(self, student, teacher)
 
     def forward(self, step: StepInputs) -> LossTerms:
         ce = F.cross_entropy(step.logits, step.labels)
