@@ -191,6 +191,13 @@ def test_method_settings_are_the_references() -> None:
     assert (fitnet.method, fitnet.fitnet.beta, fitnet.fitnet.student_layer) == ("fitnet", 100.0, "layer2")
     rkd = compose_train_config(["experiment=cifar100_rkd"]).distill.rkd
     assert (rkd.distance_weight, rkd.angle_weight) == (25.0, 50.0)
+    crd = compose_train_config(["experiment=cifar100_crd"]).distill  # RepDistiller -r 1 -a 0 -b 0.8 and its defaults
+    assert crd.method == "crd" and {k: crd.crd[k] for k in ("feat_dim", "nce_k", "nce_t", "momentum", "negatives", "weight",
+                                                            "ce_weight", "kd_weight")} == {
+        "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "momentum": 0.5, "negatives": "other_classes", "weight": 0.8,
+        "ce_weight": 1.0, "kd_weight": 0.0}
+    sweep = OmegaConf.load(ROOT / "conf" / "sweep" / "benchmark_cifar100.yaml")
+    assert all((ROOT / "conf" / "experiment" / f"cifar100_{m}.yaml").is_file() for m in sweep.methods)
 
 
 # ---- the references' data split ----------------------------------------------------------------------------------
@@ -242,8 +249,11 @@ def test_every_pair_trains_with_kd_dkd_and_at(tmp_path: Path, fake_cifar100: Pat
     released.parent.mkdir()
     torch.save({"epoch": 240, "model": NETS[teacher_name]().state_dict(), "accuracy": 79.42}, released)
     sha = hashlib.sha256(released.read_bytes()).hexdigest()
-    for method in ("kd", "dkd", "at"):
-        cfg = compose_train_config([f"experiment=cifar100_{method}", f"pair={pair}", *SHORT,
+    # crd (its memory bank over the 1,600 fake images, 64 negatives) on the smallest pair only: its embedding
+    # layers are found the same way on every net (test_cifar_nets.py checks each pair's layers).
+    for method in ("kd", "dkd", "at", *(("crd",) if pair == "resnet56_resnet20" else ())):
+        crd = ["distill.crd.nce_k=64"] if method == "crd" else []
+        cfg = compose_train_config([f"experiment=cifar100_{method}", f"pair={pair}", *SHORT, *crd,
                                     f"teacher.ckpt_path={released}", f"paths.data_dir={fake_cifar100}",
                                     f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / method}"])
         result = train(cfg)

@@ -1,7 +1,7 @@
 """The CIFAR-100 benchmark nets (kd_lightning/models/cifar100): parameter counts, state-dict keys and shapes as the
 reference code's (tests/data/cifar100_reference_keys.json, dumped from mdistiller's and RepDistiller's model
 files), forward and feature shapes, the model configs, loading a checkpoint in the released `ckpt_epoch_240.pth`
-layout, and each pair's feature-layer pairing under fitnet, at and rkd."""
+layout, and each pair's feature-layer pairing under fitnet, at, rkd and crd."""
 
 import hashlib
 import json
@@ -162,16 +162,18 @@ def test_teacher_ckpt_path_takes_a_released_file(tmp_path: Path) -> None:
 # ---- each pair's layers under the feature methods ---------------------------------------------------------------
 @pytest.mark.parametrize("pair", PAIRS)
 def test_pair_layers_work_with_the_feature_methods(pair: str) -> None:
-    """fitnet, at and rkd bind the pair's layers, build their parts from probe features and give a finite loss;
-    at pairs maps of equal size only."""
+    """fitnet, at, rkd and crd bind the pair's layers, build their parts from probe features and give a finite
+    loss; at pairs maps of equal size only."""
     torch.manual_seed(0)
     cfg = compose_train_config(["experiment=cifar100_kd", f"pair={pair}"])
     assert cfg.benchmark.pair == pair == f"{cfg.benchmark.teacher}_{cfg.benchmark.student}"
     student, teacher = instantiate(cfg.model), instantiate(compose_teacher_config(cfg).model).eval()
     assert type(student) is type(NETS[cfg.benchmark.student]()) and type(teacher) is type(NETS[cfg.benchmark.teacher]())
     methods = {name: get_method(name)({**cfg.distill, "method": name}) for name in ("fitnet", "at", "rkd")}
+    methods["crd"] = get_method("crd")({**cfg.distill, "method": "crd", "crd": {**cfg.distill.crd, "nce_k": 4}})
     for method in methods.values():
         method.bind(student, teacher)
+    methods["crd"].make_bank(torch.arange(12) % 4)  # a 12-example train split of 4 classes
     x, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
     s_specs = sorted({s for m in methods.values() for s in m.student_layers})
     t_specs = sorted({t for m in methods.values() for t in m.teacher_layers})
@@ -181,7 +183,8 @@ def test_pair_layers_work_with_the_feature_methods(pair: str) -> None:
             teacher(x)
     for name, method in methods.items():
         method.build(fs, ft)
-        terms = method(StepInputs(logits=logits, labels=labels, features=fs, teacher_features=ft))
+        terms = method(StepInputs(logits=logits, labels=labels, features=fs, teacher_features=ft,
+                                  indices=torch.tensor([0, 1, 2])))
         assert torch.isfinite(terms["loss"]), (pair, name)
     at = methods["at"]
     assert len(at.student_layers) >= 2
