@@ -408,7 +408,7 @@ def markdown(card: dict[str, Any]) -> str:
         "",
         "| class | examples | teacher | student |",
         "|---:|---:|---:|---:|",
-        *[f"| {names[c] if names else c} | {n} | {a:.4f} | {b:.4f} |" for c, (n, a, b) in
+        *[f"| {f'{c} {names[c]}' if names else c} | {n} | {a:.4f} | {b:.4f} |" for c, (n, a, b) in
           enumerate(zip(tq["class_counts"], tq["per_class_acc"], sq["per_class_acc"]))],
         "",
         "## How each model was made",
@@ -441,7 +441,8 @@ def plot(card: dict[str, Any]) -> Image.Image:
     (mult-adds in the cheap card) and per-class accuracy of both. Drawn with Pillow (kd_lightning/drawing.py): the
     same six matplotlib panels cost ~0.4 s, and every distillation run draws one."""
     confusions = [confusion_image(torch.tensor(card[role]["quality"]["confusion"]),
-                                  f"{role} ({card[role]['net_name']}): test confusion (counts; colour: row share)")
+                                  f"{role} ({card[role]['net_name']}): test confusion (counts; colour: row share)",
+                                  card.get("class_names"))
                   for role in ("teacher", "student")]
     column = max(PANEL[0], *(c.shape[1] for c in confusions))
     row = [PANEL[1], max(PANEL[1], *(c.shape[0] for c in confusions))]

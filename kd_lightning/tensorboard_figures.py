@@ -14,6 +14,7 @@ by plain functions of tensors that log into any TensorBoard `SummaryWriter`-like
 (`log_test_figures`).
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +136,23 @@ def log_dark_knowledge(experiment: Any, teacher_logits: Tensor, student_logits: 
 
 
 # ---- drawing (kd_lightning/drawing.py: Pillow, no matplotlib figure) ---------------------------------------
-def confusion_image(confusion: Tensor, title: str = "test confusion matrix (counts; colour: row share)") -> np.ndarray:
+def class_key_lines(class_names: Sequence[str], width: int, size: int = 12) -> list[str]:
+    """"0 cat · 1 dog · ..." wrapped to `width` pixels: what the class indices on the axes mean."""
+    lines: list[str] = []
+    for c, name in enumerate(class_names):
+        entry = f"{c} {name}"
+        if lines and text_width(lines[-1] + " · " + entry, size) <= width:
+            lines[-1] += " · " + entry
+        else:
+            lines.append(entry)
+    return lines
+
+
+def confusion_image(confusion: Tensor, title: str = "test confusion matrix (counts; colour: row share)",
+                    class_names: Sequence[str] | None = None) -> np.ndarray:
     """The confusion matrix as an RGB uint8 image [H, W, 3]: cells coloured by row share (white 0 to dark blue 1,
     with a colour bar), counts written in the non-empty cells (up to 20 classes), true class down, predicted
-    across."""
+    across; with `class_names` (up to 20), a key under the matrix says which name each index is."""
     counts = confusion.detach().cpu().to(torch.long)
     rates = (counts.float() / counts.sum(1, keepdim=True).clamp(min=1)).numpy()
     n = len(counts)
@@ -146,7 +160,8 @@ def confusion_image(confusion: Tensor, title: str = "test confusion matrix (coun
     grid = n * cell
     left, top, bottom, bar_gap, bar_w, bar_labels = 62, 44, 56, 16, 18, 64
     width = max(left + grid + bar_gap + bar_w + bar_labels, text_width(title, 15) + 24)
-    height = top + grid + bottom
+    key = class_key_lines(class_names, width - 24) if class_names and n <= 20 else []
+    height = top + grid + bottom + 16 * len(key)
     image = Image.new("RGB", (width, height), WHITE)
     pixels = np.asarray(blues(rates)).repeat(cell, 0).repeat(cell, 1)
     image.paste(Image.fromarray(pixels), (left, top))
@@ -167,6 +182,8 @@ def confusion_image(confusion: Tensor, title: str = "test confusion matrix (coun
         draw.text((left - 8, top + mid), str(c), fill=BLACK, font=font(12), anchor="rm")
     draw.text((left + grid // 2, top + grid + 26), "predicted class", fill=BLACK, font=font(14), anchor="ma")
     vertical_text(image, (14, top + grid // 2), "true class", 14)
+    for i, line in enumerate(key):
+        draw.text((12, top + grid + bottom - 4 + 16 * i), line, fill=BLACK, font=font(12), anchor="la")
     draw.text((width // 2, 14), title, fill=BLACK, font=font(15), anchor="ma")
     # Colour bar: row share 1 at the top, 0 at the bottom.
     x0 = left + grid + bar_gap

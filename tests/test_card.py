@@ -239,3 +239,20 @@ def test_full_card_has_onnx_sizes_and_latencies(soft_run: Path) -> None:
     assert card["teacher"]["onnx_bytes"] > 50 * card["student"]["onnx_bytes"]  # 1.2 M vs 12.7 k parameters
     markdown = (soft_run / "MODEL_CARD.md").read_text()
     assert "CPU latency, batch 256 (1 thread), median" in markdown and "speed-up" in markdown
+
+
+def test_confusion_panel_keys_its_indices_to_class_names() -> None:
+    """With class names (an image folder's), card.png's confusion panel carries a key "0 cat · 1 dog · ...",
+    wrapped to the panel's width; without them the panel is as before."""
+    from kd_lightning.tensorboard_figures import class_key_lines, confusion_image
+
+    assert class_key_lines(["cat", "dog", "fox"], 1000) == ["0 cat · 1 dog · 2 fox"]
+    assert class_key_lines(["cat", "dog", "fox"], 40) == ["0 cat", "1 dog", "2 fox"]  # one entry per line
+    confusion = torch.tensor([[3, 1, 0], [0, 4, 0], [1, 0, 2]])
+    plain, keyed = confusion_image(confusion), confusion_image(confusion, class_names=["cat", "dog", "fox"])
+    assert keyed.shape[0] == plain.shape[0] + 16 and keyed.shape[1] == plain.shape[1]
+    assert np.array_equal(keyed[: plain.shape[0] - 8], plain[: plain.shape[0] - 8])  # the matrix itself unchanged
+    assert (keyed[plain.shape[0] - 8:] < 128).any()  # the key is drawn
+    many = [f"class{c}" for c in range(30)]  # beyond 20 classes the axes thin out: no key
+    assert confusion_image(torch.eye(30, dtype=torch.long), class_names=many).shape == \
+        confusion_image(torch.eye(30, dtype=torch.long)).shape

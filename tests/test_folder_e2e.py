@@ -37,7 +37,7 @@ def test_folder_soft_end_to_end_then_predict_and_an_outside_teacher(tmp_path: Pa
     assert metrics["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     assert "Training the teacher (experiment=folder_teacher)" in proc.stdout + proc.stderr
     card = (run / "MODEL_CARD.md").read_text()
-    assert "| cat |" in card and "| fox |" in card  # per-class accuracy by class name
+    assert "| 0 cat |" in card and "| 2 fox |" in card  # per-class accuracy by index and class name
 
     # The frozen teacher: not in the student's checkpoint, which holds the class names
     best = load_checkpoint(run / "checkpoints" / "best.ckpt")
