@@ -108,8 +108,8 @@ def test_published_numbers_cover_every_pair_and_method_with_their_sources() -> N
 # ---- the sweep -------------------------------------------------------------------------------------------------
 def test_sweep_expands_pairs_methods_and_seeds() -> None:
     cfg = compose_train_config(["sweep=benchmark_cifar100"])
-    assert cfg.pairs == SWEEP["pairs"] and list(cfg.methods) == ["kd", "dkd", "fitnet", "at", "rkd"] and cfg.seeds == 5
-    assert sorted(method_names()) == ["at", "dkd", "fitnet", "kd", "rkd"]
+    assert cfg.pairs == SWEEP["pairs"] and list(cfg.methods) == ["kd", "dkd", "fitnet", "at", "rkd", "crd"] and cfg.seeds == 5
+    assert sorted(method_names()) == ["at", "crd", "dkd", "fitnet", "kd", "rkd"]
     args = sweep_arguments(cfg, ["sweep=benchmark_cifar100", "pair=[resnet32x4_resnet8x4,vgg13_vgg8]", "methods=[kd,dkd]",
                                  "seeds=3", "trainer=gpu"])
     assert args == ["pair=resnet32x4_resnet8x4,vgg13_vgg8", "experiment=cifar100_kd,cifar100_dkd", "seed=1,2,3",
@@ -123,7 +123,7 @@ def test_sweep_expands_pairs_methods_and_seeds() -> None:
 
 @pytest.mark.parametrize(("argument", "message"), [
     ("pair=[resnet32x4_resnet9x4]", r"^pair=resnet32x4_resnet9x4 is not accepted: one of resnet110_resnet32, "),
-    ("methods=[kd,crd]", r"^methods: crd is not accepted: one of at, dkd, fitnet, kd, rkd "),
+    ("methods=[kd,tf_kd]", r"^methods: tf_kd is not accepted: one of at, crd, dkd, fitnet, kd, rkd "),
     ("seeds=0", r"^seeds=0 is not accepted: the number of seeds per cell, an integer >= 1"),
 ])
 def test_sweep_refuses_bad_values_in_one_line(argument: str, message: str) -> None:
