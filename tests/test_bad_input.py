@@ -89,6 +89,7 @@ def save_net_checkpoint(path: Path, net: torch.nn.Module) -> Path:
     return path
 
 
+@pytest.mark.slow  # trains a teacher
 def test_teacher_checkpoint_errors(tmp_path: Path) -> None:
     def teacher_at(path: Path) -> None:
         train(compose(tmp_path, "experiment=soft", f"teacher.ckpt_path={path}"))

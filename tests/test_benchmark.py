@@ -147,10 +147,11 @@ def lrs(cfg) -> list[float]:
 
 @pytest.mark.parametrize(("overrides", "base"), [
     (["experiment=cifar100_teacher", "model=resnet32x4"], 0.05),
-    (["experiment=cifar100_kd", "pair=resnet32x4_resnet8x4"], 0.05),
     (["experiment=cifar100_dkd", "pair=resnet32x4_shufflev1"], 0.01),
-    (["experiment=cifar100_at", "pair=vgg13_mobilenetv2"], 0.01),
-    (["experiment=cifar100_rkd", "pair=resnet32x4_shufflev2"], 0.01),
+    *(pytest.param(o, b, marks=pytest.mark.slow) for o, b in [  # composing: one case of each rate in the inner loop
+        (["experiment=cifar100_kd", "pair=resnet32x4_resnet8x4"], 0.05),
+        (["experiment=cifar100_at", "pair=vgg13_mobilenetv2"], 0.01),
+        (["experiment=cifar100_rkd", "pair=resnet32x4_shufflev2"], 0.01)]),
 ])
 def test_recipe_milestones_and_learning_rates(overrides: list[str], base: float) -> None:
     cfg = compose_train_config(overrides)
@@ -176,6 +177,7 @@ def test_recipe_milestones_and_learning_rates(overrides: list[str], base: float)
     assert teacher.callbacks.model_checkpoint.monitor == "epoch"
 
 
+@pytest.mark.slow  # composes every pair and method
 def test_method_settings_are_the_references() -> None:
     kd = compose_train_config(["experiment=cifar100_kd"]).distill
     assert (kd.method, kd.group, kd.T, kd.alpha) == ("kd", "hard_soft", 4.0, 0.9)

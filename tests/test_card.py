@@ -42,6 +42,7 @@ def soft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@pytest.mark.slow  # the module's trained run (fixture)
 def test_card_numbers_equal_the_runs_metrics(soft_run: Path) -> None:
     metrics = json.loads((soft_run / "metrics.json").read_text())
     assert (soft_run / "MODEL_CARD.md").is_file() and (soft_run / "card.png").read_bytes()[:4] == b"\x89PNG"
@@ -63,6 +64,7 @@ def test_card_numbers_equal_the_runs_metrics(soft_run: Path) -> None:
     assert "experiment=teacher" in markdown  # the teacher's equivalent command
 
 
+@pytest.mark.slow  # the module's trained run (fixture)
 def test_tensorboard_holds_the_confusion_matrix_config_and_dark_knowledge(soft_run: Path) -> None:
     events = EventAccumulator(str(soft_run / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
@@ -78,6 +80,7 @@ def test_tensorboard_holds_the_confusion_matrix_config_and_dark_knowledge(soft_r
     assert teacher_events.Tags()["images"] == ["test/confusion_matrix"]  # no teacher of its own: no dark knowledge
 
 
+@pytest.mark.slow  # the module's trained run (fixture)
 def test_card_from_given_logits_equals_the_card_computed_from_the_checkpoints(
         soft_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     metrics = json.loads((soft_run / "metrics.json").read_text())
@@ -102,6 +105,7 @@ def test_card_from_given_logits_equals_the_card_computed_from_the_checkpoints(
         write_card(soft_run, cfg, datamodule=datamodule, teacher_logits=teacher[:10])
 
 
+@pytest.mark.slow  # the module's trained run (fixture)
 def test_card_never_trusts_a_damaged_teacher_logit_cache(
         soft_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = run_config(soft_run)
@@ -119,6 +123,7 @@ def test_card_never_trusts_a_damaged_teacher_logit_cache(
     assert card["teacher"]["quality"] == expected["teacher"]["quality"]
 
 
+@pytest.mark.slow  # the module's trained run (fixture)
 def test_log_test_figures_logs_what_the_callback_logs(soft_run: Path, tmp_path: Path) -> None:
     """The functions a loop without a Lightning Trainer calls (kd_lightning/batched) draw the callback's images."""
     metrics = json.loads((soft_run / "metrics.json").read_text())
@@ -145,6 +150,7 @@ def test_log_test_figures_logs_what_the_callback_logs(soft_run: Path, tmp_path: 
             == callbacks.Tensors("config/text_summary")[0].tensor_proto.string_val)
 
 
+@pytest.mark.slow  # the module's trained run (fixture)
 def test_card_png_draws_each_panel_from_the_cards_numbers(soft_run: Path) -> None:
     """Changing one number of the card changes the pixels of its own panel only (3 x 2 panels under a title)."""
     card = write_card(soft_run)
@@ -186,12 +192,14 @@ def test_ece_equals_the_hand_computed_value() -> None:
     assert bins["count"][13] == 2 and bins["accuracy"][13] == 0.5
 
 
+@pytest.mark.slow  # the module's trained run (fixture)
 def test_card_of_a_run_without_teacher_is_a_one_line_error(soft_run: Path) -> None:
     teacher_run = next((soft_run.parent / "logs" / "teachers").glob("*/run"))
     with pytest.raises(InputError, match=r"names no teacher \(no teacher_ckpt in its metrics.json\)"):
         write_card(teacher_run)
 
 
+@pytest.mark.slow  # the module's trained run (fixture)
 def test_card_of_a_copied_run_reads_the_copys_checkpoint(soft_run: Path, tmp_path: Path) -> None:
     """metrics.json names the run's own checkpoint relative to its dir: the card of a copy reads the copy's, and a
     damaged one there is an error, not the original's read instead."""
@@ -206,6 +214,7 @@ def test_card_of_a_copied_run_reads_the_copys_checkpoint(soft_run: Path, tmp_pat
         write_card(copy)
 
 
+@pytest.mark.slow  # the module's trained run (fixture)
 def test_card_checks_the_teacher_against_its_recorded_sha256(soft_run: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(soft_run, copy)
@@ -217,6 +226,7 @@ def test_card_checks_the_teacher_against_its_recorded_sha256(soft_run: Path, tmp
         write_card(copy)
 
 
+@pytest.mark.slow  # the module's trained run (fixture)
 def test_card_of_a_multi_teacher_run_is_one_line(soft_run: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(soft_run, copy)

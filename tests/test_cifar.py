@@ -228,6 +228,7 @@ def test_mult_adds_count_convolutions_and_linear_layers() -> None:
     assert mult_adds(student) == sum(macs)
 
 
+@pytest.mark.slow  # builds every CIFAR net
 def test_docs_table_is_the_computed_one() -> None:
     assert table() in (ROOT / "docs" / "cifar.md").read_text(), "docs/cifar.md's table is stale: python -m kd_lightning.models.stats"
 

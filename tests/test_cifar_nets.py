@@ -41,6 +41,12 @@ STAGES = {
     "shufflev1": ([(240, 16), (480, 8), (960, 4)], 960), "shufflev2": ([(116, 16), (232, 8), (464, 4)], 1024),
 }
 PAIRS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "pair").glob("*.yaml"))
+# What composes configs runs for one net and one pair in the inner loop, for all with the slow tests.
+INNER_NET, INNER_PAIR = "resnet8x4", "resnet32x4_resnet8x4"
+
+
+def inner(values: list[str], keep: str) -> list:
+    return [v if v == keep else pytest.param(v, marks=pytest.mark.slow) for v in values]
 
 
 def count(net: torch.nn.Module) -> int:
@@ -75,7 +81,7 @@ def test_forward_stage_and_embedding_shapes(name: str) -> None:
     assert NETS[name](num_classes=10)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("name", inner(sorted(NETS), INNER_NET))
 def test_model_config_builds_the_net(name: str) -> None:
     cfg = compose_train_config([f"model={name}", "data=cifar100"])
     net = instantiate(cfg.model)
@@ -160,7 +166,7 @@ def test_teacher_ckpt_path_takes_a_released_file(tmp_path: Path) -> None:
 
 
 # ---- each pair's layers under the feature methods ---------------------------------------------------------------
-@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("pair", inner(PAIRS, INNER_PAIR))
 def test_pair_layers_work_with_the_feature_methods(pair: str) -> None:
     """fitnet, at, rkd and crd bind the pair's layers, build their parts from probe features and give a finite
     loss; at pairs maps of equal size only."""

@@ -22,7 +22,7 @@ DEBUG = sorted(p.stem for p in (CONF_DIR / "debug").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # The inner loop composes the main job's experiment; every other one (two config compositions each) runs with the
 # slow tests.
-EXPERIMENT_PARAMS = [e if e in ("soft", "teacher") else pytest.param(e, marks=pytest.mark.slow) for e in EXPERIMENTS]
+EXPERIMENT_PARAMS = [e if e == "soft" else pytest.param(e, marks=pytest.mark.slow) for e in EXPERIMENTS]
 TRAINER = {  # what each debug config sets on the run's trainer
     "fdr": {"max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1, "limit_test_batches": 1},
     "limit": {"max_epochs": 3, "limit_train_batches": 0.1},

@@ -226,7 +226,7 @@ def test_a_read_only_teacher_cache_lock_is_one_line(tmp_path: Path, monkeypatch:
 
 
 @pytest.mark.parametrize("multirun", [False, True])
-@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.ENOSPC])
+@pytest.mark.parametrize("code", [errno.EROFS, *(pytest.param(c, marks=pytest.mark.slow) for c in (errno.EACCES, errno.ENOSPC))])
 def test_hydras_run_dir_creation_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture, code: int, multirun: bool) -> None:
     """Issue 25.7: Hydra creating the run dir on a read-only file system printed its traceback."""

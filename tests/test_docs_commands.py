@@ -141,7 +141,9 @@ def test_the_docs_show_commands() -> None:
     assert len(COMMANDS) > 40, COMMANDS
 
 
-@pytest.mark.parametrize(("page", "command"), COMMANDS, ids=[f"{p}:{c[:60]}" for p, c in COMMANDS])
+# The README's commands are in the inner loop; docs/ pages' (about 120, 0.3 s of composing each) run with the slow tests.
+@pytest.mark.parametrize(("page", "command"), [
+    pytest.param(p, c, id=f"{p}:{c[:60]}", marks=() if p == "README.md" else pytest.mark.slow) for p, c in COMMANDS])
 def test_documented_command_composes(page: str, command: str, monkeypatch: pytest.MonkeyPatch) -> None:
     target, args = entry_point([w for w in shlex.split(fill(command)) if w != "..."])
     if target in HYDRA_CONFIGS:

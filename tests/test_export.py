@@ -42,6 +42,7 @@ def mnist_test_inputs() -> torch.Tensor:
 
 # The MNIST student (MLP) as onnx and torchscript: test_entry_point_reads_the_data_of_the_checkpoints_run.
 @pytest.mark.parametrize(("net_cls", "fmt"), [(MnistCNN, "onnx"), (MnistCNN, "torchscript"), (MLP, "pt2")])
+@pytest.mark.slow  # exports and verifies three nets
 def test_mnist_teacher_and_student_round_trip(tmp_path: Path, mnist_test_inputs: torch.Tensor, net_cls: type,
                                               fmt: str) -> None:
     torch.manual_seed(0)
@@ -56,6 +57,7 @@ def test_mnist_teacher_and_student_round_trip(tmp_path: Path, mnist_test_inputs:
     torch.testing.assert_close(torch.as_tensor(got), net(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # exports and verifies a CIFAR net
 def test_cifar_net_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in write_cifar10(tmp_path / "data", n_train=20, n_test=12).items():
         monkeypatch.setattr(torchvision.datasets.CIFAR10, name, value)
@@ -67,6 +69,7 @@ def test_cifar_net_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert check.passed and check.n == 12
 
 
+@pytest.mark.slow  # exports and verifies
 def test_entry_point_reads_the_data_of_the_checkpoints_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     torch.manual_seed(0)

@@ -258,7 +258,7 @@ def keys(root: Path, hash_content: bool) -> tuple[str, str]:
     return teacher_key(teacher_identity(tcfg, dm.source)), data_key
 
 
-@pytest.mark.parametrize("hash_content", [False, True])
+@pytest.mark.parametrize("hash_content", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_one_image_added_removed_edited_or_moved_changes_both_keys(folder: Path, hash_content: bool) -> None:
     seen = {keys(folder, hash_content)}
     assert keys(folder, hash_content) in seen  # stable when nothing changes

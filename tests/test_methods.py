@@ -717,6 +717,7 @@ def mnist_teacher(tmp_path: Path) -> Path:
     return save_random_teacher(tmp_path / "teacher.ckpt", MLP([16]), config)
 
 
+@pytest.mark.slow  # trains
 def test_a_method_defined_here_registers_and_trains(tmp_path: Path, mnist_teacher: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/methods.md, "Add your own": logit matching (Ba & Caruana 2014) with a learned logit scale."""
@@ -760,6 +761,7 @@ def documented_method_file() -> tuple[str, str]:
     return Path(path).stem, source
 
 
+@pytest.mark.slow  # trains
 def test_the_documented_method_file_is_all_a_new_method_takes(tmp_path: Path, mnist_teacher: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 22 point 8: the docs' file, put in the package as a new module, imports (from base, no circular
@@ -885,6 +887,7 @@ def test_val_soft_loss_is_the_kd_term_at_the_methods_own_temperature(method: str
     assert module.eval_metrics["val"]["soft_loss"].compute().item() == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow  # trains
 def test_the_run_summary_shows_the_method_and_its_own_settings(monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture) -> None:
     from kd_lightning.summary import hparams_of, print_summary

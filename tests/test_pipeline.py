@@ -104,6 +104,7 @@ def test_resume_keeps_the_runs_trainer_choice(tmp_path: Path) -> None:
     assert resume_config(run_dir, []).trainer_choice == "ddp_cpu"
 
 
+@pytest.mark.slow  # composes many teacher configs
 def test_teacher_shares_only_the_dataset_identity(tmp_path: Path) -> None:
     """Issue 11 item 2: the student's loader settings never reach the teacher (nor its key)."""
     def key(*overrides: str) -> str:
@@ -119,6 +120,7 @@ def test_teacher_shares_only_the_dataset_identity(tmp_path: Path) -> None:
     assert key("data.train_val_split=[0.5,0.5]") != key() and key("data.split_seed=7") != key()
 
 
+@pytest.mark.slow  # composes many teacher configs
 def test_key_covers_what_changes_the_teachers_weights(tmp_path: Path) -> None:
     """Issue 11 item 1: the key is the whole teacher config, not a hand-picked part of it."""
     def key(*teacher_overrides: str, source: str = "mnist-sample-5k") -> str:

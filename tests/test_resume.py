@@ -157,6 +157,7 @@ def copy_of(run: Path, tmp_path: Path, name: str = "a cöpy") -> Path:
     ("+distill.dkd.extra=1", "distill.dkd.extra=1 is not accepted with resume=: the run was trained with "
                              "distill.dkd.extra=(absent). "),
 ])
+@pytest.mark.slow  # trains the module's run (fixture)
 def test_resume_refuses_a_change_of_what_the_finished_epochs_mean(soft_run: Path, override: str, line: str) -> None:
     with pytest.raises(ConfigError) as err:
         resume_config(soft_run, ["trainer.max_epochs=3", override])
@@ -193,6 +194,7 @@ def test_refused_resume_is_one_line_on_the_command_line(soft_run: Path, tmp_path
         assert len([ln for ln in output.splitlines() if "not accepted" in ln]) == 1
 
 
+@pytest.mark.slow  # trains and resumes
 def test_a_forced_change_is_recorded_with_the_epoch_it_holds_from(soft_run: Path, tmp_path: Path) -> None:
     run = copy_of(soft_run, tmp_path)
     train(resume_config(run, ["distill.T=8", "trainer.max_epochs=3"], force=["distill.T"]))
@@ -215,6 +217,7 @@ def sha256s(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow  # trains and resumes
 def test_a_copied_run_resumes_in_place_and_its_best_ckpt_stays_best(soft_run: Path, tmp_path: Path) -> None:
     original = sha256s(soft_run / "checkpoints")
     copy = copy_of(soft_run, tmp_path)
@@ -243,6 +246,7 @@ def test_a_copied_run_resumes_in_place_and_its_best_ckpt_stays_best(soft_run: Pa
 
 
 @pytest.mark.parametrize("record", ["metrics.json", "teachers.json"])  # a finished run; an interrupted one
+@pytest.mark.slow  # trains the module's run (fixture)
 def test_resuming_with_another_teacher_than_the_recorded_one_is_refused(soft_run: Path, tmp_path: Path,
                                                                          record: str) -> None:
     run = copy_of(soft_run, tmp_path)
@@ -258,6 +262,7 @@ def test_resuming_with_another_teacher_than_the_recorded_one_is_refused(soft_run
         train(resume_config(run, ["trainer.max_epochs=3"]))
 
 
+@pytest.mark.slow  # trains a run
 def test_eval_tests_on_the_data_the_checkpoints_run_trained_on(tmp_path: Path) -> None:
     """A Fashion-MNIST run's checkpoint, evaluated without data=, is tested on Fashion-MNIST (not eval.yaml's MNIST,
     whose 28x28 inputs would fit the net as well)."""

@@ -30,6 +30,7 @@ def datamodule() -> MNISTDataModule:
     return dm
 
 
+@pytest.mark.slow  # a teacher over the whole sample
 def test_cached_rows_match_the_teacher_under_shuffling(tmp_path: Path, datamodule: MNISTDataModule) -> None:
     teacher = save_teacher(tmp_path / "t.ckpt", 0)
     cache = cached_teacher_logits(tmp_path / "t.ckpt", teacher, datamodule, tmp_path / "cache")
@@ -49,6 +50,7 @@ def test_cached_rows_match_the_teacher_under_shuffling(tmp_path: Path, datamodul
 
 
 @pytest.mark.parametrize("group", ["soft", "hard_soft"])
+@pytest.mark.slow  # full runs online and cached
 def test_losses_and_gradients_equal_online(tmp_path: Path, datamodule: MNISTDataModule, group: str) -> None:
     teacher = save_teacher(tmp_path / "t.ckpt", 0)
     cache = cached_teacher_logits(tmp_path / "t.ckpt", teacher, datamodule, tmp_path / "cache")
@@ -70,6 +72,7 @@ def test_losses_and_gradients_equal_online(tmp_path: Path, datamodule: MNISTData
             torch.testing.assert_close(g_online, g_cached, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # several full runs
 def test_cache_is_reused_and_rebuilt_when_teacher_or_data_change(tmp_path: Path, datamodule: MNISTDataModule) -> None:
     cache_dir = tmp_path / "cache"
     teacher = save_teacher(tmp_path / "t.ckpt", 0)
