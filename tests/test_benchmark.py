@@ -251,10 +251,10 @@ def test_every_pair_trains_with_kd_dkd_and_at(tmp_path: Path, fake_cifar100: Pat
     released.parent.mkdir()
     torch.save({"epoch": 240, "model": NETS[teacher_name]().state_dict(), "accuracy": 79.42}, released)
     sha = hashlib.sha256(released.read_bytes()).hexdigest()
-    # crd (its memory bank over the 1,600 fake images, 64 negatives) on the smallest pair only: its embedding
+    # crd (its memory bank over the 16 fake training images, 8 negatives) on the smallest pair only: its embedding
     # layers are found the same way on every net (test_cifar_nets.py checks each pair's layers).
     for method in ("kd", "dkd", "at", *(("crd",) if pair == "resnet56_resnet20" else ())):
-        crd = ["distill.crd.nce_k=64"] if method == "crd" else []
+        crd = ["distill.crd.nce_k=8"] if method == "crd" else []
         cfg = compose_train_config([f"experiment=cifar100_{method}", f"pair={pair}", *SHORT, *crd,
                                     f"teacher.ckpt_path={released}", f"paths.data_dir={fake_cifar100}",
                                     f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / method}"])
