@@ -98,6 +98,9 @@ def saved_run_config(run_dir: str | Path) -> DictConfig:
         record = run_dir / ".hydra" / "hydra.yaml"
         choices = OmegaConf.load(record).hydra.runtime.choices if record.is_file() else {}
         cfg.trainer_choice = choices.get("trainer", "default")
+    from kd_lightning.teacher import resolve_auto_normalization  # teacher.py imports this module
+
+    resolve_auto_normalization(cfg)  # data.normalization=auto as the run resolved it (the same answer)
     return cfg
 
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
 from kd_lightning.checkpoints import (
@@ -100,6 +100,41 @@ def compose_teacher_config(cfg: DictConfig) -> DictConfig:
     tcfg.paths = cfg.paths
     train_in_one_process(tcfg.trainer)  # torchrun/srun ranks > 0 cannot join a teacher's DDP fit: they wait for it
     return tcfg
+
+
+LIBRARY_NETS = ("kd_lightning.models.timm_net", "kd_lightning.models.torchvision_net")
+
+
+def imagenet_weights(model: DictConfig, given_file: bool = False) -> bool:
+    """Whether a net's config starts it from ImageNet weights: timm `pretrained=true`, torchvision `weights=<enum>`,
+    a `weights_path` file (timm/torchvision files are ImageNet weights), or a timm/torchvision net whose trained
+    weights are given as a file (`teacher.ckpt_path`: fine-tuned from ImageNet weights, as library nets are)."""
+    return bool(model.get("pretrained") or model.get("weights") or model.get("weights_path")
+                or (given_file and model.get("_target_") in LIBRARY_NETS))
+
+
+def resolve_auto_normalization(cfg: DictConfig) -> None:
+    """`data.normalization=auto` (data=image_folder), in place: `imagenet` when the net these inputs are made for
+    starts from ImageNet weights (a distillation's teacher, every teacher of multi_teacher; else the run's own
+    net), `computed` otherwise. Deterministic from the run's config: train.py and every reader of a saved run
+    (config.saved_run_config) get the same answer. Other values are left as they are."""
+    if OmegaConf.select(cfg, "data.normalization") != "auto":
+        return
+    from kd_lightning.methods import get_method
+
+    if is_distillation(cfg):
+        runs = get_method(cfg.distill.method).teacher_runs(cfg)
+        teachers = [(compose_teacher_config(r).model, bool(r.teacher.ckpt_path)) for r in runs]
+        nets = {f"teacher {m.get('name') or m._target_}": imagenet_weights(m, given) for m, given in teachers}
+    else:
+        nets = {f"net {cfg.model.get('name') or cfg.model._target_}": imagenet_weights(cfg.model)}
+    rgb = OmegaConf.select(cfg, "data.channels", default=3) == 3  # ImageNet statistics are per RGB channel
+    choice = "imagenet" if rgb and nets and all(nets.values()) else "computed"
+    with open_dict(cfg):
+        cfg.data.normalization = choice
+    log.info("data.normalization=auto: %s (%s)", choice, ", ".join(
+        f"{name} {'starts from ImageNet weights' if pretrained else 'does not start from ImageNet weights'}"
+        for name, pretrained in nets.items()))
 
 
 def dataset_identity(cfg: DictConfig) -> dict[str, Any]:

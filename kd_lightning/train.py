@@ -41,7 +41,14 @@ from kd_lightning.run_dir import (
 )
 from kd_lightning.summary import hp_metrics_of, hparams_of, log_run_text, print_config_tree, print_summary, run_identity
 from kd_lightning.sweeps import run_sweep_job
-from kd_lightning.teacher import TeacherCache, cached_teacher_logits, compose_teacher_config, file_sha256, given_teacher
+from kd_lightning.teacher import (
+    TeacherCache,
+    cached_teacher_logits,
+    compose_teacher_config,
+    file_sha256,
+    given_teacher,
+    resolve_auto_normalization,
+)
 from kd_lightning.trackers import check_loggers, finish_run
 from kd_lightning.validation import check_num_classes, check_splits, validate_config
 
@@ -135,6 +142,7 @@ def teacher_file_facts(teacher_files: list[Path]) -> dict[str, Any]:
 
 def prepare_data(cfg: DictConfig) -> pl.LightningDataModule:
     """The run's DataModule, its data found (the source found keys the teacher cache) before anything trains."""
+    resolve_auto_normalization(cfg)  # data.normalization=auto: imagenet or computed, from the teacher's weights
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")

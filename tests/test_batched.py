@@ -239,6 +239,7 @@ def test_grouping_and_fallback_reasons(common: list[str], tmp_path: Path) -> Non
     assert not_batchable(config(common, ["distill.cache_teacher_logits=false"], tmp_path)) is None  # teacher online
     assert not_batchable(config(common, ["model=mnist_cnn"], tmp_path)) == "the model is not an MLP without dropout"
     assert not_batchable(config(common, ["+trainer.gradient_clip_val=1.0"], tmp_path)) == "trainer.gradient_clip_val=1.0"
+    assert not_batchable(config(common, ["test_last=true"], tmp_path)).startswith("test_last=true")  # last/test/* too
 
 
 @pytest.mark.slow

@@ -197,7 +197,8 @@ def test_each_bad_folder_is_one_line_naming_the_path(tmp_path: Path) -> None:
     ({"root": None}, "data.root=null is not accepted"),
     ({"channels": 2}, "data.channels=2 is not accepted: 1 (grey) or 3 (RGB)"),
     ({"image_size": 4}, "data.image_size=4 is not accepted"),
-    ({"normalization": "cifar"}, "data.normalization='cifar' is not accepted: one of imagenet, computed"),
+    ({"normalization": "cifar"}, "data.normalization='cifar' is not accepted: one of auto, imagenet, computed"),
+    ({"normalization": "auto"}, "data.normalization=auto is not accepted here: train.py resolves it"),
     ({"normalization": "imagenet", "channels": 1}, "data.normalization=imagenet is not accepted with data.channels=1"),
     ({"train_transforms": [{"size": 3}]}, "data.train_transforms: {'size': 3} is not accepted: each entry needs a _target_"),
     ({"eval_transforms": [{"_target_": "torchvision.transforms.v2.Nope"}]}, "data.eval_transforms: torchvision.transforms.v2.Nope cannot be built"),
@@ -296,3 +297,39 @@ def test_teacher_shares_the_students_folder_and_pipeline(folder: Path) -> None:
     assert tcfg.data.root == str(folder) and tcfg.data.image_size == 48 and tcfg.data.normalization == "computed"
     assert tcfg.data.batch_size == 32  # the teacher recipe's own loader settings
     assert tcfg.model.name == "resnet50" and tcfg.model.num_classes == 3 and cfg.model.num_classes == 3
+
+
+# ---- data.normalization=auto -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("overrides", "expected"), [
+    # a distillation: the teacher's weights decide
+    (["experiment=folder_soft", "data.normalization=auto"], "imagenet"),  # folder_teacher: timm, pretrained=true
+    (["experiment=folder_soft", "data.normalization=auto", "teacher.overrides=['model.pretrained=false']"], "computed"),
+    (["experiment=folder_soft", "data.normalization=auto", "teacher.overrides=['model.pretrained=false']",
+      "teacher.ckpt_path=teacher.safetensors"], "imagenet"),  # a timm teacher trained elsewhere, given as a file
+    (["experiment=folder_soft", "data.normalization=auto", "data.channels=1"], "computed"),
+    (["experiment=soft", "data=image_folder"], "computed"),  # the MNIST CNN teacher: no ImageNet weights
+    # the run's own net
+    (["experiment=teacher", "data=image_folder", "model=timm"], "computed"),
+    (["experiment=teacher", "data=image_folder", "model=timm", "model.pretrained=true"], "imagenet"),
+    (["experiment=teacher", "data=image_folder", "model=torchvision", "model.weights=IMAGENET1K_V1"], "imagenet"),
+    (["experiment=teacher", "data=image_folder", "model=torchvision", "model.weights_path=w.pth"], "imagenet"),
+    (["experiment=folder_soft"], "imagenet"),  # given: left as it is
+    (["experiment=folder_soft", "data.normalization=computed"], "computed"),
+])
+def test_auto_normalization_follows_the_teachers_weights(overrides: list[str], expected: str) -> None:
+    from kd_lightning.teacher import resolve_auto_normalization
+
+    cfg = compose_train_config([*overrides, "data.root=/some/images"])
+    resolve_auto_normalization(cfg)
+    assert cfg.data.normalization == expected
+
+
+def test_a_saved_run_resolves_auto_as_the_run_did(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from kd_lightning.config import saved_run_config
+
+    cfg = compose_train_config(["experiment=folder_soft", "data.normalization=auto", "data.root=/some/images"])
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # as Hydra records it: auto
+    assert saved_run_config(tmp_path).data.normalization == "imagenet"

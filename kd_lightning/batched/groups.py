@@ -65,6 +65,8 @@ def not_batchable(cfg: DictConfig) -> str | None:
         return f"optimizer {cfg.module.optimizer._target_} is not one of {sorted(ELEMENTWISE_OPTIMIZERS)}"
     if cfg.get("ckpt_path") or cfg.get("resume"):
         return "ckpt_path/resume"
+    if cfg.get("test_last"):
+        return "test_last=true (the stacked loop tests the best epoch only; train.py also tests the last)"
     for key, value in OmegaConf.to_container(cfg.trainer, resolve=True).items():
         if key not in TRAINER_KEYS or (TRAINER_KEYS[key] is not None and value not in TRAINER_KEYS[key]):
             return f"trainer.{key}={value}"

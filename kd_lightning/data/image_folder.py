@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALIZATIONS = ("imagenet", "computed", "{mean: [...], std: [...]}")
+NORMALIZATIONS = ("auto", "imagenet", "computed", "{mean: [...], std: [...]}")
 
 
 class UnreadableImageError(DataError):
@@ -221,6 +221,9 @@ class ImageFolderDataModule(KDDataModule):
 
     def _check_normalization(self) -> None:
         n = self.normalization
+        if n == "auto":  # train.py and saved runs resolve it (kd_lightning/teacher.py resolve_auto_normalization)
+            raise ConfigError("data.normalization=auto is not accepted here: train.py resolves it from the teacher's "
+                              "weights; give imagenet, computed or {mean: [...], std: [...]}")
         if n in ("imagenet", "computed"):
             if n == "imagenet" and self.channels != 3:
                 raise ConfigError("data.normalization=imagenet is not accepted with data.channels=1: "
