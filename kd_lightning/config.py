@@ -15,7 +15,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kd_lightning.methods import get_method
 from kd_lightning.modules import DistillModule
+
+log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"
@@ -88,6 +91,46 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def compose_teacher_recipe(cfg: DictConfig) -> DictConfig:
+    """The config `cfg.teacher` names (its experiment and overrides, with the run's trainer choice), as composed:
+    kd_lightning/teacher.py's compose_teacher_config puts it on the run's data and paths."""
+    return compose_train_config([f"trainer={cfg.trainer_choice}", f"experiment={cfg.teacher.experiment}",
+                                 *cfg.teacher.overrides])
+
+
+LIBRARY_NETS = ("kd_lightning.models.timm_net", "kd_lightning.models.torchvision_net")
+
+
+def imagenet_weights(model: DictConfig, given_file: bool = False) -> bool:
+    """Whether a net's config starts it from ImageNet weights: timm `pretrained=true`, torchvision `weights=<enum>`,
+    a `weights_path` file (timm/torchvision files are ImageNet weights), or a timm/torchvision net whose trained
+    weights are given as a file (`teacher.ckpt_path`: fine-tuned from ImageNet weights, as library nets are)."""
+    return bool(model.get("pretrained") or model.get("weights") or model.get("weights_path")
+                or (given_file and model.get("_target_") in LIBRARY_NETS))
+
+
+def resolve_auto_normalization(cfg: DictConfig) -> None:
+    """`data.normalization=auto` (data=image_folder), in place: `imagenet` when the net these inputs are made for
+    starts from ImageNet weights (a distillation's teacher, every teacher of multi_teacher; else the run's own
+    net), `computed` otherwise. Deterministic from the run's config: train.py and every reader of a saved run
+    (saved_run_config) get the same answer. Other values are left as they are."""
+    if OmegaConf.select(cfg, "data.normalization") != "auto":
+        return
+    if is_distillation(cfg):
+        runs = get_method(cfg.distill.method).teacher_runs(cfg)
+        teachers = [(compose_teacher_recipe(r).model, bool(r.teacher.ckpt_path)) for r in runs]
+        nets = {f"teacher {m.get('name') or m._target_}": imagenet_weights(m, given) for m, given in teachers}
+    else:
+        nets = {f"net {cfg.model.get('name') or cfg.model._target_}": imagenet_weights(cfg.model)}
+    rgb = OmegaConf.select(cfg, "data.channels", default=3) == 3  # ImageNet statistics are per RGB channel
+    choice = "imagenet" if rgb and nets and all(nets.values()) else "computed"
+    with open_dict(cfg):
+        cfg.data.normalization = choice
+    log.info("data.normalization=auto: %s (%s)", choice, ", ".join(
+        f"{name} {'starts from ImageNet weights' if pretrained else 'does not start from ImageNet weights'}"
+        for name, pretrained in nets.items()))
+
+
 def saved_run_config(run_dir: str | Path) -> DictConfig:
     """A train.py run dir's `.hydra/config.yaml`, resolvable outside its Hydra job: what Hydra filled in at run
     time is set (the output dir; the trainer choice, from the run's `.hydra/hydra.yaml`)."""
@@ -98,8 +141,6 @@ def saved_run_config(run_dir: str | Path) -> DictConfig:
         record = run_dir / ".hydra" / "hydra.yaml"
         choices = OmegaConf.load(record).hydra.runtime.choices if record.is_file() else {}
         cfg.trainer_choice = choices.get("trainer", "default")
-    from kd_lightning.teacher import resolve_auto_normalization  # teacher.py imports this module
-
     resolve_auto_normalization(cfg)  # data.normalization=auto as the run resolved it (the same answer)
     return cfg
 

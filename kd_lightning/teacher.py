@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from kd_lightning.checkpoints import (
@@ -52,7 +52,7 @@ from kd_lightning.checkpoints import (
     read_checkpoint_file,
     remove_dead_temporaries,
 )
-from kd_lightning.config import compose_train_config, is_distillation
+from kd_lightning.config import compose_teacher_recipe, is_distillation
 from kd_lightning.launch import train_in_one_process
 
 log = logging.getLogger(__name__)
@@ -89,52 +89,13 @@ DATA_KEYS_NOT_HASHED = {k.split(".", 1)[1] for k in NOT_IN_KEY if k.startswith("
 def compose_teacher_config(cfg: DictConfig) -> DictConfig:
     """The full training config of the teacher named by `cfg.teacher`: its recipe with the run's trainer choice,
     on the run's dataset and paths. The same inside and outside a Hydra app: everything comes from `cfg`."""
-    tcfg = compose_train_config([
-        f"trainer={cfg.trainer_choice}",
-        f"experiment={cfg.teacher.experiment}",
-        *cfg.teacher.overrides,
-    ])
+    tcfg = compose_teacher_recipe(cfg)
     recipe_data = OmegaConf.to_container(tcfg.data, resolve=False)
     loader_settings = {k: v for k, v in recipe_data.items() if k not in DATA_IDENTITY_KEYS and k in cfg.data}
     tcfg.data = OmegaConf.merge(cfg.data, loader_settings)  # `${seed}` and the like resolve in the teacher's config
     tcfg.paths = cfg.paths
     train_in_one_process(tcfg.trainer)  # torchrun/srun ranks > 0 cannot join a teacher's DDP fit: they wait for it
     return tcfg
-
-
-LIBRARY_NETS = ("kd_lightning.models.timm_net", "kd_lightning.models.torchvision_net")
-
-
-def imagenet_weights(model: DictConfig, given_file: bool = False) -> bool:
-    """Whether a net's config starts it from ImageNet weights: timm `pretrained=true`, torchvision `weights=<enum>`,
-    a `weights_path` file (timm/torchvision files are ImageNet weights), or a timm/torchvision net whose trained
-    weights are given as a file (`teacher.ckpt_path`: fine-tuned from ImageNet weights, as library nets are)."""
-    return bool(model.get("pretrained") or model.get("weights") or model.get("weights_path")
-                or (given_file and model.get("_target_") in LIBRARY_NETS))
-
-
-def resolve_auto_normalization(cfg: DictConfig) -> None:
-    """`data.normalization=auto` (data=image_folder), in place: `imagenet` when the net these inputs are made for
-    starts from ImageNet weights (a distillation's teacher, every teacher of multi_teacher; else the run's own
-    net), `computed` otherwise. Deterministic from the run's config: train.py and every reader of a saved run
-    (config.saved_run_config) get the same answer. Other values are left as they are."""
-    if OmegaConf.select(cfg, "data.normalization") != "auto":
-        return
-    from kd_lightning.methods import get_method
-
-    if is_distillation(cfg):
-        runs = get_method(cfg.distill.method).teacher_runs(cfg)
-        teachers = [(compose_teacher_config(r).model, bool(r.teacher.ckpt_path)) for r in runs]
-        nets = {f"teacher {m.get('name') or m._target_}": imagenet_weights(m, given) for m, given in teachers}
-    else:
-        nets = {f"net {cfg.model.get('name') or cfg.model._target_}": imagenet_weights(cfg.model)}
-    rgb = OmegaConf.select(cfg, "data.channels", default=3) == 3  # ImageNet statistics are per RGB channel
-    choice = "imagenet" if rgb and nets and all(nets.values()) else "computed"
-    with open_dict(cfg):
-        cfg.data.normalization = choice
-    log.info("data.normalization=auto: %s (%s)", choice, ", ".join(
-        f"{name} {'starts from ImageNet weights' if pretrained else 'does not start from ImageNet weights'}"
-        for name, pretrained in nets.items()))
 
 
 def dataset_identity(cfg: DictConfig) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from torch import nn
 from kd_lightning import config  # also registers the ${kd_root:} and ${kd_if_null:} resolvers
 from kd_lightning.card import run_outputs, write_card
 from kd_lightning.checkpoints import atomic_write_text, intact_checkpoint, load_checkpoint, load_net
-from kd_lightning.config import is_distillation
+from kd_lightning.config import is_distillation, resolve_auto_normalization
 from kd_lightning.errors import ConfigError, Interrupted, exit_on_error
 from kd_lightning.launch import is_first_rank, wait_for_file
 from kd_lightning.methods import check_method, get_method
@@ -47,7 +47,6 @@ from kd_lightning.teacher import (
     compose_teacher_config,
     file_sha256,
     given_teacher,
-    resolve_auto_normalization,
 )
 from kd_lightning.trackers import check_loggers, finish_run
 from kd_lightning.validation import check_num_classes, check_splits, validate_config

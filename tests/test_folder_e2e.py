@@ -74,9 +74,12 @@ def test_folder_soft_end_to_end_then_predict_and_an_outside_teacher(tmp_path: Pa
     outside = tmp_path / "my_teacher.safetensors"
     save_file({k: v.contiguous() for k, v in net_state_dict(load_checkpoint(teacher_ckpt)).items()}, str(outside))
     logs2 = tmp_path / "logs2"
-    run_script("train.py", "experiment=folder_hard_soft", f"data.root={root}", f"paths.log_dir={logs2}", *TINY,
-               TINY_TEACHER, f"teacher.ckpt_path={outside}")
+    # data.normalization=auto: a timm teacher given as a file was fine-tuned from ImageNet weights -> imagenet
+    proc2 = run_script("train.py", "experiment=folder_hard_soft", f"data.root={root}", f"paths.log_dir={logs2}", *TINY,
+                       TINY_TEACHER, f"teacher.ckpt_path={outside}", "data.normalization=auto")
+    assert "data.normalization=auto: imagenet (teacher test_resnet starts from ImageNet weights)" in proc2.stdout + proc2.stderr
     metrics2 = json.loads((run_dir_of(logs2) / "metrics.json").read_text())
+    assert metrics2["normalization"] == metrics["normalization"]
     converted = Path(metrics2["teacher_ckpt"])  # converted once into the cache, as a trained teacher
     assert converted.parent.parent == logs2 / "teachers" / "weights" and converted.name == "teacher.ckpt"
     # the same teacher weights: the same teacher accuracy on the same test split

@@ -317,7 +317,7 @@ def test_teacher_shares_the_students_folder_and_pipeline(folder: Path) -> None:
     (["experiment=folder_soft", "data.normalization=computed"], "computed"),
 ])
 def test_auto_normalization_follows_the_teachers_weights(overrides: list[str], expected: str) -> None:
-    from kd_lightning.teacher import resolve_auto_normalization
+    from kd_lightning.config import resolve_auto_normalization
 
     cfg = compose_train_config([*overrides, "data.root=/some/images"])
     resolve_auto_normalization(cfg)

@@ -221,7 +221,7 @@ class ImageFolderDataModule(KDDataModule):
 
     def _check_normalization(self) -> None:
         n = self.normalization
-        if n == "auto":  # train.py and saved runs resolve it (kd_lightning/teacher.py resolve_auto_normalization)
+        if n == "auto":  # train.py and saved runs resolve it (kd_lightning/config.py resolve_auto_normalization)
             raise ConfigError("data.normalization=auto is not accepted here: train.py resolves it from the teacher's "
                               "weights; give imagenet, computed or {mean: [...], std: [...]}")
         if n in ("imagenet", "computed"):
