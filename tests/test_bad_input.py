@@ -76,6 +76,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path, offline_overrides: list
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_num_classes_disagreements(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^model has num_classes=7, but the data \(mnist-sample-5k\) has 10"):
         train(compose(tmp_path, "experiment=soft", "model.num_classes=7"))

@@ -232,6 +232,7 @@ def test_the_launcher_takes_the_configs_the_sweeper_composed() -> None:
     assert loader.take(OmegaConf.create(), ["seed=2"]) == {"overrides": ["seed=2"]} and len(calls) == 4  # another master
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_grouping_and_fallback_reasons(common: list[str], tmp_path: Path) -> None:
     base = config(common, JOBS[0], tmp_path / "a")
     assert group_key(base) == group_key(config(common, JOBS[1], tmp_path / "b"))  # seed, group, T, alpha

@@ -186,6 +186,7 @@ def test_resnet_params_formula_gives_the_known_sizes() -> None:
     [("cifar_resnet34", [3, 4, 6, 3]), ("cifar_resnet34_2stage", [3, 4]), ("cifar_resnet18", [2, 2, 2, 2])],
 )
 @pytest.mark.parametrize(("data", "num_classes"), [("cifar10", 10), ("cifar100", 100)])
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_parameter_counts(model: str, blocks: list[int], data: str, num_classes: int) -> None:
     net = build(model, data)
     assert net.num_classes == num_classes
@@ -193,6 +194,7 @@ def test_parameter_counts(model: str, blocks: list[int], data: str, num_classes:
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, num_classes)
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_student_is_the_teachers_first_two_stages() -> None:
     teacher, student = CifarResNet([3, 4, 6, 3]).eval(), CifarResNet([3, 4, 6, 3], stages=2).eval()
     assert teacher.conv1.kernel_size == (3, 3) and teacher.conv1.stride == (1, 1)
@@ -215,6 +217,7 @@ def test_stages_out_of_range_is_a_clear_error() -> None:
         CifarResNet(stages=5)
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_mult_adds_count_convolutions_and_linear_layers() -> None:
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 32 * 32, 10))
     assert mult_adds(net) == 8 * 32 * 32 * 3 * 9 + 8 * 32 * 32 * 10
@@ -262,6 +265,7 @@ def test_channels_last_reaches_student_and_teacher(cifar_root: Path, tmp_path: P
     assert len(layouts) == 2 * 2 and all(layouts)  # student and teacher, two steps, NCHW inputs
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_trainer_configs() -> None:
     cpu = compose_train_config([])
     assert cpu.trainer.accelerator == "cpu" and "channels_last" not in cpu.callbacks

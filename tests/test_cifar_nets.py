@@ -145,6 +145,7 @@ def test_released_layout_errors_are_one_line(tmp_path: Path) -> None:
         load_released(path, NETS["resnet32x4"]())
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_teacher_ckpt_path_takes_a_released_file(tmp_path: Path) -> None:
     """teacher.ckpt_path=<ckpt_epoch_240.pth>: converted once into the cache as a kd-lightning checkpoint that
     load_net (the teacher loader, the model card, tracin) reads; a Lightning checkpoint is used as it is."""
@@ -167,6 +168,7 @@ def test_teacher_ckpt_path_takes_a_released_file(tmp_path: Path) -> None:
 
 # ---- each pair's layers under the feature methods ---------------------------------------------------------------
 @pytest.mark.parametrize("pair", inner(PAIRS, INNER_PAIR))
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_pair_layers_work_with_the_feature_methods(pair: str) -> None:
     """fitnet, at, rkd and crd bind the pair's layers, build their parts from probe features and give a finite
     loss; at pairs maps of equal size only."""

@@ -251,6 +251,7 @@ def test_one_rank_of_one_job_trains_the_teacher(tmp_path: Path, monkeypatch: pyt
         assert all(torch.equal(weights[k], loaded[0][k]) for k in loaded[0])
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_spawned_ranks_number_themselves_inside_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """trainer=ddp_cpu/ddp_spawn start their ranks themselves: inside a SLURM task (or under torchrun) they must
     not take their rank from SLURM_PROCID (RANK): every spawned process would claim the task's rank."""

@@ -167,6 +167,7 @@ def test_a_batch_of_one_trains(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---- refusals: one line naming the value and what is accepted -------------------------------------------------
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_nce_k_beyond_the_negatives_and_memory_over_the_limit_are_refused() -> None:
     labels = torch.arange(100) % 10  # 90 examples of other classes per anchor
     make(nce_k=90).make_bank(labels)
@@ -283,6 +284,7 @@ def fit(epochs: int, ckpt_path: Path | None, seed: int) -> tuple[DistillModule, 
     return module, trainer, record
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_a_resumed_fit_continues_with_the_saved_bank(tmp_path: Path) -> None:
     module, trainer, _ = fit(1, None, seed=0)
     ckpt = tmp_path / "one_epoch.ckpt"
@@ -301,6 +303,7 @@ def test_a_resumed_fit_continues_with_the_saved_bank(tmp_path: Path) -> None:
     torch.testing.assert_close(record.first["after"], expected)
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_training_batches_carry_split_indices_on_mnist_and_cifar(tmp_path: Path, cifar_root: Path) -> None:
     for overrides in (["experiment=soft", f"paths.data_dir={tmp_path / 'mnist'}", "data.download=false"],
                       ["experiment=cifar10_soft", f"paths.data_dir={cifar_root}", "data.download=false",

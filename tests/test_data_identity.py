@@ -169,6 +169,7 @@ def save_teacher(path: Path, seed: int = 0) -> nn.Module:
     return teacher
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_swapped_mnist_images_change_the_identity_and_rebuild_the_logits(
         tmp_path: Path, memo: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)

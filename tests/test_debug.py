@@ -40,6 +40,7 @@ def test_the_debug_configs_are_the_documented_five() -> None:
 
 @pytest.mark.parametrize("experiment", EXPERIMENT_PARAMS)
 @pytest.mark.parametrize("debug", DEBUG)
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_debug_composes_with_every_experiment_and_keeps_its_teacher_apart(debug: str, experiment: str) -> None:
     normal = compose_train_config([f"experiment={experiment}"])
     cfg = compose_train_config([f"experiment={experiment}", f"debug={debug}"])
@@ -62,6 +63,7 @@ def test_debug_composes_with_every_experiment_and_keeps_its_teacher_apart(debug:
     assert teacher.paths.cache_dir == cfg.paths.cache_dir
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_detect_anomaly_reaches_the_trainer(tmp_path: Path) -> None:
     cfg = compose_train_config(["experiment=hard", "debug=detect_anomaly", f"paths.output_dir={tmp_path}"])
     assert instantiate(cfg.trainer)._detect_anomaly is True

@@ -206,6 +206,7 @@ def test_a_read_only_metrics_json_is_one_line(tmp_path: Path, monkeypatch: pytes
     one_line(output, f"{tmp_path / 'run' / 'metrics.json'}: the file system is read-only")
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_a_read_only_teacher_cache_lock_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
     """Issue 25.7: the teacher cache's lock on a read-only cache dir gave three tracebacks."""
@@ -227,6 +228,7 @@ def test_a_read_only_teacher_cache_lock_is_one_line(tmp_path: Path, monkeypatch:
 
 @pytest.mark.parametrize("multirun", [False, True])
 @pytest.mark.parametrize("code", [errno.EROFS, *(pytest.param(c, marks=pytest.mark.slow) for c in (errno.EACCES, errno.ENOSPC))])
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_hydras_run_dir_creation_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture, code: int, multirun: bool) -> None:
     """Issue 25.7: Hydra creating the run dir on a read-only file system printed its traceback."""

@@ -3,6 +3,7 @@
 from functools import partial
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -45,6 +46,7 @@ def test_teacher_frozen_in_eval_mode_and_not_optimized(tmp_path: Path) -> None:
     assert not teacher.training and student.training
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_student_checkpoint_holds_no_teacher_and_evaluates_alone(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = DistillModule(MLP([16]), MnistCNN(), optimizer=partial(torch.optim.Adam, lr=1e-3), group="soft")
@@ -66,6 +68,7 @@ def test_student_checkpoint_holds_no_teacher_and_evaluates_alone(tmp_path: Path)
     assert all(torch.equal(v, module.teacher.state_dict()[k]) for k, v in teacher_state.items())
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_hard_group_never_runs_the_teacher_in_training(tmp_path: Path) -> None:
     calls = {"train": 0}
     teacher = MnistCNN()

@@ -87,6 +87,7 @@ def test_folder_soft_end_to_end_then_predict_and_an_outside_teacher(tmp_path: Pa
     assert (run_dir_of(logs2) / "MODEL_CARD.md").is_file()
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_folder_experiments_compose(tmp_path: Path) -> None:
     from kd_lightning.config import compose_train_config
 

@@ -226,6 +226,7 @@ def test_an_undecodable_image_is_one_line_at_first_read(folder: Path, num_worker
     assert _one_line(info.value).startswith(f"{bad} cannot be decoded as an image")
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_truncated_jpeg_is_named(folder: Path) -> None:
     path = next((folder / "test" / "dog").glob("*.jpg"))
     path.write_bytes(path.read_bytes()[:200])
@@ -260,6 +261,7 @@ def keys(root: Path, hash_content: bool) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("hash_content", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_one_image_added_removed_edited_or_moved_changes_both_keys(folder: Path, hash_content: bool) -> None:
     seen = {keys(folder, hash_content)}
     assert keys(folder, hash_content) in seen  # stable when nothing changes
@@ -288,6 +290,7 @@ def test_transforms_and_size_change_the_logit_key_only_as_data(folder: Path) -> 
     assert a.source == b.source and a.cache_identity() != b.cache_identity()
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_teacher_shares_the_students_folder_and_pipeline(folder: Path) -> None:
     from kd_lightning.teacher import compose_teacher_config
 
@@ -316,6 +319,7 @@ def test_teacher_shares_the_students_folder_and_pipeline(folder: Path) -> None:
     (["experiment=folder_soft"], "imagenet"),  # given: left as it is
     (["experiment=folder_soft", "data.normalization=computed"], "computed"),
 ])
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_auto_normalization_follows_the_teachers_weights(overrides: list[str], expected: str) -> None:
     from kd_lightning.config import resolve_auto_normalization
 
@@ -324,6 +328,7 @@ def test_auto_normalization_follows_the_teachers_weights(overrides: list[str], e
     assert cfg.data.normalization == expected
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_a_saved_run_resolves_auto_as_the_run_did(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 

@@ -166,6 +166,7 @@ def test_learning_rate_read_from_checkpoint_is_the_schedulers(tmp_path: Path) ->
     assert checkpoint_lr(checkpoint, tmp_path) == pytest.approx(0.3 * 0.5**3)
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_cifar_nets_run_through_the_gradient_code() -> None:
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
     student, teacher = CifarResNet(stages=2).eval(), CifarResNet(stages=4).eval()

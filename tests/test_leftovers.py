@@ -133,6 +133,7 @@ def test_gpu_trainer_without_gpu_is_refused_before_the_data(tmp_path: Path, no_g
     assert not (tmp_path / "logs").exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_gpu_trainer_without_gpu_writes_nothing_from_the_command_line(
         tmp_path: Path, no_gpu: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """Issue 25.10: `python train.py experiment=soft trainer=gpu` on a machine without a GPU loaded the data,
@@ -162,6 +163,7 @@ def entries(cache_dir: Path) -> list[str]:
     return sorted(p.name for p in cache_dir.iterdir() if p.is_dir()) if cache_dir.is_dir() else []
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_a_teacher_that_fails_to_train_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
@@ -177,6 +179,7 @@ def test_a_teacher_that_fails_to_train_leaves_no_entry(tmp_path: Path, monkeypat
     assert entries(cache_dir) == []
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_a_teacher_refused_by_its_own_checks_leaves_no_entry(tmp_path: Path, no_gpu: None) -> None:
     """A teacher override that its own validation refuses (here its accelerator) fails after the entry's run
     dir was prepared: the entry is removed."""

@@ -22,6 +22,7 @@ def one_line(err: BaseException) -> str:
     return str(err)
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_timm_net_keeps_the_contract() -> None:
     net = timm_net("test_resnet", num_classes=3)
     assert net.num_classes == 3 and net(torch.randn(2, 3, 32, 32)).shape == (2, 3)

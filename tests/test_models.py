@@ -27,6 +27,7 @@ def test_parameter_counts(name: str, expected: int) -> None:
     assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_dropout_where_the_references_have_it() -> None:
     def n_dropout(name: str) -> int:
         return sum(isinstance(m, torch.nn.Dropout) for m in build(name).modules())

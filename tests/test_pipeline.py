@@ -75,6 +75,7 @@ def test_is_distillation_on_configs_and_saved_mappings(tmp_path: Path) -> None:
     assert not is_distillation({"module": {"_target_": "kd_lightning.modules.ClassifierModule"}})
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_teacher_runs_do_not_validate_distill_and_groups_are_config_errors() -> None:
     validate_config(compose_train_config(["experiment=teacher", "distill.T=0", "distill.group=nope"]))
     with pytest.raises(ConfigError, match=r"^distill.T=0 is not accepted"):
@@ -84,6 +85,7 @@ def test_teacher_runs_do_not_validate_distill_and_groups_are_config_errors() -> 
 
 
 # ---- the teacher's config and key ------------------------------------------------------------------------
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_teacher_config_has_the_runs_trainer_choice_outside_hydra() -> None:
     cfg = compose_train_config(["experiment=soft", "trainer=ddp_cpu", "trainer.max_epochs=3"])
     assert cfg.trainer_choice == "ddp_cpu"
@@ -136,6 +138,7 @@ def test_key_covers_what_changes_the_teachers_weights(tmp_path: Path) -> None:
         assert key(override) != base, override
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_key_ignores_the_documented_keys(tmp_path: Path) -> None:
     def key(*overrides: str) -> str:
         tcfg = compose_teacher_config(compose_train_config(["experiment=soft", *overrides]))
@@ -147,6 +150,7 @@ def test_key_ignores_the_documented_keys(tmp_path: Path) -> None:
 
 
 # ---- build never trains ----------------------------------------------------------------------------------
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_build_is_pure_construction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = tmp_path / "teacher.ckpt"
     torch.save({"state_dict": {f"net.{k}": v for k, v in MnistCNN().state_dict().items()}}, ckpt)
@@ -226,6 +230,7 @@ def test_another_teacher_config_never_reuses_a_cached_teacher(tmp_path: Path, ca
     assert json.loads(cache.record.read_text())["identity"] == stored_identity
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_waiting_for_the_teacher_lock_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Issue 11 item 10: a run waiting on another run's teacher lock says what it waits for."""
     caplog.set_level(logging.INFO)

@@ -115,6 +115,7 @@ def test_a_key_only_some_jobs_have_is_a_column_unless_another_column_explains_it
     assert sorted(r[5] for r in table[2:]) == ["-", "-", "1"]
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_a_methods_own_settings_get_columns_where_they_act(tmp_path: Path) -> None:
     jobs = [["distill.method=dkd", "distill.dkd.beta=4"], ["distill.method=dkd", "distill.dkd.beta=8"],
             ["distill.method=kd", "distill.dkd.beta=8"], ["distill.method=kd", "distill.dkd.beta=4"]]
@@ -150,6 +151,7 @@ def grid(sweep: Path, lrs: list[str]) -> dict[tuple, float]:
     return accs
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_heatmap_draws_one_panel_per_other_setting(tmp_path: Path) -> None:
     accs = grid(tmp_path, ["0.1", "0.001"])
     rows = load_results(tmp_path)
@@ -166,6 +168,7 @@ def test_heatmap_draws_one_panel_per_other_setting(tmp_path: Path) -> None:
     assert f"{(accs[('0.1', 4, 0.9, 1)] + accs[('0.1', 4, 0.9, 2)]) / 2:.4f}" in texts
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_heatmap_refuses_too_many_panels_in_one_line_and_the_log_names_only_files_written(tmp_path: Path,
                                                                                          caplog) -> None:
     for num, lr in enumerate(f"0.{i:02d}1" for i in range(13)):
@@ -294,6 +297,7 @@ def test_a_job_dirname_is_one_path_component_usable_unquoted_in_an_override(valu
     assert not override.is_sweep_override() and override.value() == f"/sweep/{name}/checkpoints/best.ckpt"
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_the_sweep_subdir_names_a_job_by_what_its_sweep_varies(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     sweep.mkdir()

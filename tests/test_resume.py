@@ -169,6 +169,7 @@ def test_resume_refuses_a_change_of_what_the_finished_epochs_mean(soft_run: Path
     assert not (soft_run / "resume_changes.json").exists()  # nothing recorded, nothing trained
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_resume_accepts_the_allowed_keys_and_the_runs_own_values(soft_run: Path, tmp_path: Path) -> None:
     run = copy_of(soft_run, tmp_path)
     cfg = resume_config(run, ["trainer.max_epochs=5", "callbacks.early_stopping.patience=4",
@@ -289,6 +290,7 @@ def test_eval_records_an_explicit_data_override(soft_run: Path, tmp_path: Path) 
     assert result["data_from"] == "data= given on the command line" and result["data_source"] == "mnist-sample-5k"
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_resume_command_is_quoted_for_the_shell_and_for_hydra(tmp_path: Path) -> None:
     """Pasted into a shell, the printed command gives Hydra the run dir, non-ASCII characters, spaces, quotes,
     brackets and commas included."""

@@ -127,6 +127,7 @@ def test_two_optuna_trials(tmp_path: Path) -> None:
     assert f"best_value: {max(values)}" in result
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_slurm_launcher_configs_compose() -> None:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         plain = compose("train", ["sweep=groups", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",

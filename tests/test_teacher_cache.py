@@ -94,6 +94,7 @@ def test_cache_is_reused_and_rebuilt_when_teacher_or_data_change(tmp_path: Path,
     assert len(list((cache_dir / "logits").glob("*.pt"))) == 3
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_no_train_cache_with_random_augmentation(tmp_path: Path, datamodule: MNISTDataModule,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datamodule, "random_augmentation", True)
@@ -178,6 +179,7 @@ def test_a_failed_logit_cache_write_leaves_no_file(tmp_path: Path, datamodule: M
 
 
 @pytest.mark.parametrize("failing", ["teacher.ckpt", "teacher.json"])
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_a_failed_teacher_store_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     """TeacherCache.store on a full disk, while copying the checkpoint or writing the record: the entry does not
     verify (nothing half-written is reused), no temporary file stays, and a later store completes it."""

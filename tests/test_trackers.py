@@ -292,6 +292,7 @@ def test_missing_tracker_package_is_one_line_before_training(tmp_path: Path) -> 
 
 
 # ---- in process -----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_logger_configs_compose() -> None:
     assert list(compose_train_config(["logger=many"]).logger) == ["tensorboard", "csv", "mlflow"]
     for name in ("csv", "mlflow", "wandb", "aim"):

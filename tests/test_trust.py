@@ -88,6 +88,7 @@ def test_rerun_with_other_parameters_into_a_sweep_dir_is_refused(tmp_path: Path,
     assert "use a new hydra.sweep.dir" in message
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_report_labels_a_job_by_its_recorded_settings_not_its_rewritten_hydra_config(tmp_path: Path) -> None:
     job = tmp_path / "0"
     (job / ".hydra").mkdir(parents=True)
@@ -249,6 +250,7 @@ def eval_config(tmp_path: Path, *overrides: str):
                                 f"paths.output_dir={tmp_path / 'eval'}"])
 
 
+@pytest.mark.slow  # over 0.7 s: the inner loop keeps to faster tests
 def test_eval_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"^checkpoint not found: .*nowhere.ckpt$"):
         evaluate(eval_config(tmp_path, f"ckpt_path={tmp_path / 'nowhere.ckpt'}"))
