@@ -260,3 +260,25 @@ def test_cli_bad_input_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
         from kd_lightning.influence.cli import analyse
 
         analyse(compose_tracin(f"student_run={tmp_path / 'missing'}", f"paths.output_dir={tmp_path / 'o'}"))
+
+
+def test_checkpoints_that_all_store_learning_rate_zero_are_refused_in_one_line(tmp_path: Path) -> None:
+    """A 2-epoch run on a cosine schedule has one periodic checkpoint, stored after the rate reached 0: every TracIn
+    score would be 0. One with a non-zero rate beside it is used as it is."""
+    from kd_lightning.influence.tracin import tracin_checkpoints
+
+    param = nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+    (tmp_path / "checkpoints").mkdir()
+    for epoch in range(4):
+        optimizer.step()
+        scheduler.step()
+        if epoch % 2 == 1:  # epoch001.ckpt (rate 0.05) and epoch003.ckpt (rate 0), as ModelCheckpoint(every 2) saves
+            torch.save({"optimizer_states": [optimizer.state_dict()], "state_dict": {}},
+                       tmp_path / "checkpoints" / f"epoch{epoch:03d}.ckpt")
+    with pytest.raises(InputError, match=r"epochs \[3\] store learning rate 0 .* train 4 epochs or more") as err:
+        tracin_checkpoints(tmp_path, [3])
+    assert "\n" not in str(err.value)
+    used = tracin_checkpoints(tmp_path, [1, 3])
+    assert [c.lr for c in used] == [pytest.approx(0.05), 0.0]

@@ -95,8 +95,17 @@ def common_epochs(teacher_run: Path, student_run: Path) -> list[int]:
 
 
 def tracin_checkpoints(run_dir: Path, epochs: Iterable[int]) -> list[TracInCheckpoint]:
+    """The checkpoints of `epochs`, each with its η. A checkpoint stored with η = 0 (the end of a cosine schedule:
+    training did not continue from it) adds nothing to any score: when that is every one, all scores would be 0
+    and every comparison meaningless, so it is refused in one line."""
     paths = periodic_checkpoints(run_dir)
-    return [TracInCheckpoint(paths[e], e, checkpoint_lr(load_checkpoint(paths[e]), paths[e])) for e in epochs]
+    checkpoints = [TracInCheckpoint(paths[e], e, checkpoint_lr(load_checkpoint(paths[e]), paths[e])) for e in epochs]
+    if checkpoints and all(c.lr == 0 for c in checkpoints):
+        raise InputError(
+            f"{run_dir}: the checkpoints of epochs {[c.epoch for c in checkpoints]} store learning rate 0 (the "
+            "end of its schedule: training did not continue from them), so every TracIn score would be 0; use "
+            "a run with a periodic checkpoint (every 2 epochs) before its rate reaches 0, e.g. train 4 epochs or more")
+    return checkpoints
 
 
 # ---- the loss traced ---------------------------------------------------------------------------------------
