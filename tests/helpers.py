@@ -69,3 +69,39 @@ def job_dir(sweep: Path, num: int) -> Path:
 
     [found] = [job for job in job_dirs(sweep) if job_number(job) == num]
     return found
+
+
+# One short epoch: 3 training batches, one validation and one test batch, no loggers or extra checkpoints.
+QUICK_RUN = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
+             "+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
+             "logger=[]", "callbacks.periodic_checkpoint=null", "callbacks.lr_monitor=null"]
+
+
+def save_random_teacher(path: Path, net, config: dict) -> Path:
+    """`net` (as it is: random weights) saved as a teacher checkpoint with its net config, for `teacher.ckpt_path`."""
+    import torch
+
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "net_config": config}, path)
+    return path
+
+
+def fake_cifar10_with_a_tiny_teacher(tmp_path: Path, monkeypatch) -> tuple[Path, list[str]]:
+    """Fake CIFAR-10 (40 training, 10 test images) in `tmp_path/data`, given to torchvision, and a random ResNet with
+    one block per stage as the teacher (the recipes' stages, channels and feature maps at a quarter of the weights).
+    Returns the teacher file and the overrides that run `experiment=cifar10_soft` with both."""
+    import torch
+    import torchvision
+
+    from fake_data import write_cifar10
+    from kd_lightning.models import CifarResNet
+
+    for name, value in write_cifar10(tmp_path / "data", 40, 10).items():
+        monkeypatch.setattr(torchvision.datasets.CIFAR10, name, value)
+    small = "model.layers=[1,1,1,1]"
+    torch.manual_seed(0)
+    teacher = save_random_teacher(tmp_path / "teacher.ckpt", CifarResNet([1, 1, 1, 1], num_classes=10),
+                                  {"_target_": "kd_lightning.models.CifarResNet", "layers": [1, 1, 1, 1],
+                                   "num_classes": 10})
+    return teacher, ["experiment=cifar10_soft", small, f"teacher.ckpt_path={teacher}", f"teacher.overrides=['{small}']",
+                     f"paths.data_dir={tmp_path / 'data'}", "data.download=false", "data.batch_size=8",
+                     "data.num_workers=0"]

@@ -14,13 +14,14 @@ from hydra.utils import instantiate
 from torch import Tensor
 
 import kd_lightning.methods.crd as crd_module
+from helpers import QUICK_RUN, fake_cifar10_with_a_tiny_teacher, save_random_teacher
 from kd_lightning.config import compose_train_config
 from kd_lightning.data import KDDataModule, TensorLoader
 from kd_lightning.errors import ConfigError
 from kd_lightning.methods import check_method, get_method
 from kd_lightning.methods.base import StepInputs
 from kd_lightning.methods.crd import CRD, momentum_update, nce_loss, sample_contrast
-from kd_lightning.models import CifarResNet, MnistCNN, MnistConvStudent
+from kd_lightning.models import MnistCNN, MnistConvStudent
 from kd_lightning.modules import DistillModule
 
 
@@ -323,16 +324,6 @@ def test_training_batches_carry_split_indices_on_mnist_and_cifar(tmp_path: Path,
 
 
 # ---- through train.py --------------------------------------------------------------------------------------------
-QUICK = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
-         "+trainer.limit_test_batches=1", "logger=[]", "callbacks.periodic_checkpoint=null", "callbacks.lr_monitor=null",
-         "trainer.enable_progress_bar=false", "callbacks.progress_bar=null"]
-
-
-def save_random_teacher(path: Path, net: torch.nn.Module, config: dict) -> Path:
-    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "net_config": config}, path)
-    return path
-
-
 @pytest.mark.slow
 def test_crd_trains_through_train_py_on_mnist(tmp_path: Path) -> None:
     from kd_lightning.train import train
@@ -340,7 +331,7 @@ def test_crd_trains_through_train_py_on_mnist(tmp_path: Path) -> None:
     torch.manual_seed(0)
     teacher = save_random_teacher(tmp_path / "t.ckpt", MnistCNN(), {"_target_": "kd_lightning.models.MnistCNN"})
     cfg = compose_train_config(["experiment=soft", "model=mnist_conv_student", "distill.method=crd",
-                                "distill.crd.nce_k=1024", f"teacher.ckpt_path={teacher}", *QUICK,
+                                "distill.crd.nce_k=1024", f"teacher.ckpt_path={teacher}", *QUICK_RUN,
                                 f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'run'}",
                                 f"paths.data_dir={tmp_path / 'data'}", "data.download=false"])
     result = train(cfg)
@@ -351,22 +342,11 @@ def test_crd_trains_through_train_py_on_mnist(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_crd_trains_through_train_py_on_fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torchvision
-
-    from fake_data import write_cifar10
     from kd_lightning.train import train
 
-    for name, value in write_cifar10(tmp_path / "data", 40, 10).items():
-        monkeypatch.setattr(torchvision.datasets.CIFAR10, name, value)
-    small = "model.layers=[1,1,1,1]"
-    torch.manual_seed(0)
-    teacher = save_random_teacher(tmp_path / "t.ckpt", CifarResNet([1, 1, 1, 1]),
-                                  {"_target_": "kd_lightning.models.CifarResNet", "layers": [1, 1, 1, 1]})
-    cfg = compose_train_config(["experiment=cifar10_soft", small, "distill.method=crd", "distill.crd.nce_k=16",
-                                f"teacher.ckpt_path={teacher}", f"teacher.overrides=['{small}']", *QUICK,
-                                f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'run'}",
-                                f"paths.data_dir={tmp_path / 'data'}", "data.download=false", "data.batch_size=8",
-                                "data.num_workers=0"])
+    _, cifar = fake_cifar10_with_a_tiny_teacher(tmp_path, monkeypatch)
+    cfg = compose_train_config([*cifar, "distill.method=crd", "distill.crd.nce_k=16", *QUICK_RUN,
+                                f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'run'}"])
     result = train(cfg)
     state = torch.load(result["best_ckpt"], weights_only=True)["state_dict"]
     assert state["method.memory_t"].shape == (36, 128)  # 40 images, 0.9 of them for training

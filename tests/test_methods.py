@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from helpers import QUICK_RUN, fake_cifar10_with_a_tiny_teacher, save_random_teacher
 from kd_lightning.checkpoints import load_net
 from kd_lightning.config import compose_train_config
 from kd_lightning.errors import ConfigError
@@ -570,17 +571,6 @@ def test_gradients_reach_student_and_method_parts_only(method: str, standardized
 
 
 # ---- through train.py: every method, MNIST and fake CIFAR; and one defined here -------------------------------
-def save_random_teacher(path: Path, net: nn.Module, config: dict) -> Path:
-    state = {f"net.{k}": v for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, "net_config": config}, path)
-    return path
-
-
-QUICK = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
-         "+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
-         "logger=[]", "callbacks.periodic_checkpoint=null", "callbacks.lr_monitor=null"]
-
-
 @pytest.fixture
 def watched(monkeypatch: pytest.MonkeyPatch) -> dict:
     """The student's weights when fit starts and every training loss, recorded from inside the run."""
@@ -613,7 +603,7 @@ def assert_student_trained(result: dict, seen: dict) -> None:
 def train_method(tmp_path: Path, method: str, *overrides: str) -> dict:
     from kd_lightning.train import train
 
-    cfg = compose_train_config([f"distill.method={method}", *QUICK, f"paths.log_dir={tmp_path / 'logs'}",
+    cfg = compose_train_config([f"distill.method={method}", *QUICK_RUN, f"paths.log_dir={tmp_path / 'logs'}",
                                 f"paths.output_dir={tmp_path / method}", *overrides])
     return train(cfg)
 
@@ -687,24 +677,11 @@ def test_a_ragged_last_batch_of_one_trains_and_is_reported(tmp_path: Path, metho
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_on_fake_cifar(tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch,
                                            watched: dict) -> None:
-    import torchvision
-
-    from fake_data import write_cifar10
-
-    for name, value in write_cifar10(tmp_path / "data", 40, 10).items():
-        monkeypatch.setattr(torchvision.datasets.CIFAR10, name, value)
-    # The recipes' ResNets with one block per stage: the same stages, channels and feature maps (what the
-    # methods use) as ResNet34 and its two-stage student, a quarter of the weights to build, save and run.
+    ckpt, cifar = fake_cifar10_with_a_tiny_teacher(tmp_path, monkeypatch)
     small = "model.layers=[1,1,1,1]"
-    config = {"_target_": "kd_lightning.models.CifarResNet", "layers": [1, 1, 1, 1], "num_classes": 10}
-    torch.manual_seed(0)
-    ckpt = save_random_teacher(tmp_path / "teacher.ckpt", CifarResNet([1, 1, 1, 1], num_classes=10), config)
     teachers = f"distill.multi_teacher.teachers=[{{experiment: cifar10_teacher, ckpt_path: {ckpt}, overrides: ['{small}']}}, " \
                f"{{experiment: cifar10_teacher, ckpt_path: {ckpt}, overrides: ['{small}']}}]"
-    result = train_method(tmp_path, method, "experiment=cifar10_soft", small, f"teacher.ckpt_path={ckpt}",
-                          f"teacher.overrides=['{small}']", teachers, "data.download=false",
-                          f"paths.data_dir={tmp_path / 'data'}", "data.batch_size=8", "data.num_workers=0",
-                          "distill.crd.nce_k=16")  # 36 training images
+    result = train_method(tmp_path, method, *cifar, teachers, "distill.crd.nce_k=16")  # 36 training images
     assert 0 <= result["test/acc"] <= 1 and result["epochs"] == 1
     assert_student_trained(result, watched)
     assert result["params"] == sum(p.numel() for p in CifarResNet([1, 1, 1, 1], stages=2).parameters())

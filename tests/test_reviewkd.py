@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import QUICK_RUN, fake_cifar10_with_a_tiny_teacher, save_random_teacher
 from kd_lightning.config import compose_train_config
 from kd_lightning.errors import ConfigError
 from kd_lightning.methods import check_method
@@ -202,16 +203,6 @@ def instantiate_net(cfg: object) -> nn.Module:
 
 
 # ---- through train.py ------------------------------------------------------------------------------------------
-QUICK = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
-         "+trainer.limit_test_batches=1", "logger=[]", "callbacks.periodic_checkpoint=null", "callbacks.lr_monitor=null",
-         "trainer.enable_progress_bar=false", "callbacks.progress_bar=null"]
-
-
-def save_random_teacher(path: Path, net: nn.Module, config: dict) -> Path:
-    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "net_config": config}, path)
-    return path
-
-
 @pytest.mark.slow
 def test_reviewkd_trains_through_train_py_on_mnist(tmp_path: Path) -> None:
     from kd_lightning.checkpoints import load_net
@@ -221,7 +212,7 @@ def test_reviewkd_trains_through_train_py_on_mnist(tmp_path: Path) -> None:
     teacher = save_random_teacher(tmp_path / "t.ckpt", MnistCNN(), {"_target_": "kd_lightning.models.MnistCNN"})
     result = train(compose_train_config([
         "experiment=soft", "model=mnist_conv_student", "distill.method=reviewkd", f"teacher.ckpt_path={teacher}",
-        *QUICK, f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'run'}",
+        *QUICK_RUN, f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'run'}",
         f"paths.data_dir={tmp_path / 'data'}", "data.download=false"]))
     assert 0 <= result["test/acc"] <= 1
     state = torch.load(result["best_ckpt"], weights_only=True)["state_dict"]
@@ -231,22 +222,11 @@ def test_reviewkd_trains_through_train_py_on_mnist(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_reviewkd_trains_through_train_py_on_fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torchvision
-
-    from fake_data import write_cifar10
     from kd_lightning.train import train
 
-    for name, value in write_cifar10(tmp_path / "data", 40, 10).items():
-        monkeypatch.setattr(torchvision.datasets.CIFAR10, name, value)
-    small = "model.layers=[1,1,1,1]"
-    torch.manual_seed(0)
-    teacher = save_random_teacher(tmp_path / "t.ckpt", CifarResNet([1, 1, 1, 1]),
-                                  {"_target_": "kd_lightning.models.CifarResNet", "layers": [1, 1, 1, 1]})
-    result = train(compose_train_config([
-        "experiment=cifar10_soft", small, "distill.method=reviewkd", f"teacher.ckpt_path={teacher}",
-        f"teacher.overrides=['{small}']", *QUICK, f"paths.log_dir={tmp_path / 'logs'}",
-        f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'data'}", "data.download=false",
-        "data.batch_size=8", "data.num_workers=0"]))
+    _, cifar = fake_cifar10_with_a_tiny_teacher(tmp_path, monkeypatch)
+    result = train(compose_train_config([*cifar, "distill.method=reviewkd", *QUICK_RUN,
+                                         f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'run'}"]))
     assert 0 <= result["test/acc"] <= 1
     state = torch.load(result["best_ckpt"], weights_only=True)["state_dict"]
     assert state["method.abfs.2.conv2.0.weight"].shape == (512, 128, 3, 3)  # the 2-stage student's pooled 128 -> 512
